@@ -1,0 +1,214 @@
+"""Condensing: the stage schedule, the group-lasso penalty, one condensing event, and the export
+of a condensed training-form model into the inference form.
+
+All functions are pure. `condense_event` and `group_lasso` are jit-able and work on the
+pytrees that `CondenseNet.init` returns; the learned group convolutions are found through the
+`'masks'` collection (`.../conv_1/mask`, shape `(in_channels, groups)`) and their kernels at
+the same path in `params` (`.../conv_1/kernel`, shape `(1, 1, in_channels, out_channels)`).
+Output channel `o` of a layer belongs to group `o % groups`.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from condensenet_jax import layers, models
+
+# The official code clamps each group's squared norm from below before the square root.
+LASSO_EPS = 1e-6
+
+
+def stage_at(step, total_steps, condense_factor):
+  """Stage at `step`: min(C-1, floor(2 (C-1) step / total_steps)), in exact integer arithmetic.
+
+  Stages 0 .. C-2 are condensing stages (the first half of training); stage C-1 is the
+  optimization stage. Works on Python ints and on (traced) integer arrays.
+  """
+  last = condense_factor - 1
+  if isinstance(step, (int, np.integer)) and isinstance(total_steps, (int, np.integer)):
+    return min(last, (2 * last * int(step)) // int(total_steps))
+  step = jnp.asarray(step)
+  return jnp.minimum(last, (2 * last * step) // total_steps)
+
+
+def event_steps(total_steps: int, condense_factor: int) -> list[int]:
+  """The steps at which condensing events 1 .. C-1 fire (the first step of each stage)."""
+  last = condense_factor - 1
+  return [-(-k * total_steps // (2 * last)) for k in range(1, last + 1)]
+
+
+def is_condensing(stage, condense_factor):
+  """True while the group lasso applies: stages 0 .. C-2 (keyed to C, not to G)."""
+  return stage < condense_factor - 1
+
+
+def _layers(params, masks):
+  """Yields `(path, kernel [in, out], mask [in, G])` for every learned group convolution."""
+  flat_params = traverse_util.flatten_dict(params)
+  for key, mask in traverse_util.flatten_dict(masks).items():
+    path = key[:-1]
+    kernel = flat_params.get(path + ('kernel',))
+    if kernel is None:
+      raise ValueError(f"masks hold {'/'.join(path)}/mask but params have no "
+                       f"{'/'.join(path)}/kernel; pass params and masks of the same model.")
+    yield path, kernel[0, 0], mask
+
+
+def _group_sums(values, groups):
+  """`[in, out]` -> `[in, G]`: sum over each group's output channels (o = d*G + g)."""
+  in_channels, out = values.shape
+  return values.reshape(in_channels, out // groups, groups).sum(axis=1)
+
+
+def group_lasso(params, masks, model=None):
+  """Unscaled group-lasso sum over all LGCs: sum over layers, groups g and inputs j of
+  sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)).
+
+  The train step multiplies it by lambda while `is_condensing(stage)`. `model` is accepted for
+  a uniform signature; the layers are found through the masks.
+  """
+  del model
+  total = jnp.zeros((), jnp.float32)
+  for _, kernel, mask in _layers(params, masks):
+    weight = kernel * layers.expand_mask(mask, kernel.shape[1])
+    squares = _group_sums(jnp.square(weight), mask.shape[1])  # [in, G]
+    total = total + jnp.sqrt(jnp.maximum(squares, LASSO_EPS)).sum()
+  return total
+
+
+def events_done(mask, condense_factor: int):
+  """Condensing events a concrete mask `(in, G)` shows, or raises if it is not one of the
+  masks condensing produces (0/1, every group the same number of inputs, a multiple of in/C)."""
+  mask = np.asarray(mask)
+  in_channels, groups = mask.shape
+  delta = in_channels // condense_factor
+  if not np.all((mask == 0) | (mask == 1)):
+    raise ValueError('mask entries must be 0 or 1')
+  dropped = in_channels - mask.sum(axis=0)
+  if np.any(dropped != dropped[0]) or dropped[0] % delta:
+    raise ValueError(f'groups keep {[int(in_channels - d) for d in dropped]} of {in_channels} '
+                     f'inputs; condensing keeps the same count in every group, dropping '
+                     f'{delta} (= in/C) per event')
+  return int(dropped[0]) // delta
+
+
+def _drop(kernel, mask, condense_factor):
+  in_channels, groups = mask.shape
+  delta = in_channels // condense_factor
+  score = _group_sums(jnp.abs(kernel * layers.expand_mask(mask, kernel.shape[1])), groups)
+  score = jnp.where(mask > 0, score, jnp.inf)  # pruned inputs are never picked again
+  order = jnp.argsort(score, axis=0, stable=True)  # ties: lower index first
+  dropped = mask.at[order[:delta], jnp.arange(groups)[None, :]].set(0.0)
+  # A fully condensed layer stays as it is (reachable under jit only; see condense_event).
+  full = mask.sum(axis=0).min() <= in_channels - (condense_factor - 1) * delta
+  return jnp.where(full, mask, dropped)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _condense_event(params, masks, condense_factor):
+  new = {}
+  for path, kernel, mask in _layers(params, masks):
+    new[path + ('mask',)] = _drop(kernel, mask, condense_factor)
+  return traverse_util.unflatten_dict(new)
+
+
+def condense_event(params, masks, model):
+  """One condensing event: in every LGC, each group drops the `in // C` still-alive inputs
+  with the smallest L1 norm over the group's output channels (ties broken by input index).
+
+  Pure and jit-able; one compiled function serves every event. With concrete arrays it raises
+  a ValueError when a layer has already had all C-1 events; under jit such a layer is left
+  unchanged.
+
+  Returns:
+    The new masks, same structure as `masks`.
+  """
+  c = model.condense_factor
+  if not any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):
+    for name, done in condensed_layers(masks, model).items():
+      if done >= c - 1:
+        raise ValueError(
+            f'{name} has already had all {c - 1} condensing events (condense_factor={c}); '
+            'there is nothing left to drop.')
+  return _condense_event(params, masks, c)
+
+
+def condensed_layers(masks, model) -> dict[str, int]:
+  """`{layer path: condensing events its mask shows}` for concrete masks."""
+  out = {}
+  for key, mask in traverse_util.flatten_dict(masks).items():
+    name = '/'.join(key[:-1])
+    try:
+      out[name] = events_done(mask, model.condense_factor)
+    except ValueError as e:
+      raise ValueError(f'{name}: {e}') from None
+  return out
+
+
+def _export_lgc(kernel, mask, condense_factor):
+  """Returns (index [kept], grouped kernel [1, 1, kept/G, out]) of one fully condensed LGC."""
+  in_channels, groups = mask.shape
+  out = kernel.shape[1]
+  index = np.concatenate([np.flatnonzero(mask[:, g]) for g in range(groups)])
+  per_group = in_channels // condense_factor
+  grouped = np.empty((per_group, out), kernel.dtype)
+  d_out = out // groups
+  for g in range(groups):
+    rows = index[g * per_group:(g + 1) * per_group]
+    # Group g's output channels g, g+G, g+2G, ... become the contiguous block g*d_out + k.
+    grouped[:, g * d_out:(g + 1) * d_out] = kernel[rows][:, g::groups]
+  return index, grouped[None, None]
+
+
+def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_keep: float = 0.5):
+  """Converts a fully condensed training-form model into its inference form.
+
+  Each LGC becomes an index gather (kept inputs, group after group, increasing index), BN with
+  the gathered statistics, ReLU, a 1x1 convolution with `group_1x1` groups and a channel
+  shuffle; the classifier keeps the `int(features * classifier_keep)` inputs with the largest
+  L1 column norm (no fine-tuning). With `classifier_keep=1.0` the result computes exactly the
+  masked model's function.
+
+  Args:
+    model: the training-form `CondenseNet`.
+    variables: `{'params', 'batch_stats', 'masks'}` after all C-1 condensing events.
+    classifier_keep: fraction of classifier inputs to keep (official: 0.5).
+  Returns:
+    `(CondensedNet, {'params', 'batch_stats', 'indices'})`.
+  Raises:
+    ValueError: naming the layer and its event count, if a layer is not fully condensed.
+  """
+  if not 0 < classifier_keep <= 1:
+    raise ValueError(f'classifier_keep={classifier_keep} must be in (0, 1].')
+  small = models.CondensedNet.from_model(model, classifier_keep)
+  to_np = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(tree)))
+  params, stats, masks = (to_np(variables[c]) for c in ('params', 'batch_stats', 'masks'))
+  last = model.condense_factor - 1
+  indices = {}
+  for name, done in condensed_layers(traverse_util.unflatten_dict(masks), model).items():
+    if done != last:
+      raise ValueError(
+          f'{name} has had {done} of the {last} condensing events; export needs every layer '
+          'fully condensed (train to the optimization stage, or apply condense_event '
+          f'{last - done} more time(s)).')
+  for key, mask in masks.items():
+    path = key[:-1]
+    index, kernel = _export_lgc(params[path + ('kernel',)][0, 0], mask, model.condense_factor)
+    params[path + ('kernel',)] = kernel
+    for tree, leaves in ((params, ('scale', 'bias')), (stats, ('mean', 'var'))):
+      for leaf in leaves:
+        tree[path + ('norm', leaf)] = tree[path + ('norm', leaf)][index]
+    indices[path + ('index',)] = index.astype(np.int32)
+  kernel = params[('classifier', 'kernel')]  # [features, classes]
+  kept = small.classifier_inputs
+  order = np.argsort(np.abs(kernel).sum(axis=1), kind='stable')  # increasing L1 norm
+  index = order[kernel.shape[0] - kept:]
+  params[('classifier', 'kernel')] = kernel[index]
+  indices[('classifier', 'index')] = index.astype(np.int32)
+  small_vars = {c: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(t))
+                for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
+  return small, small_vars

@@ -1,0 +1,117 @@
+"""FLOPs and parameters in the official CondenseNet convention.
+
+The official counter (`measure_model`) counts multiply-adds of convolutions and Linear layers
+(plus the Linear bias), one op per element for every ReLU input, `kernel^2` ops per output
+element for average pooling, nothing for BN, gathers and channel shuffles; parameters are the
+trainable weights (BN scale and bias included, running statistics and indices not). A learned
+group convolution counts as its dense convolution divided by the condense factor, for both
+FLOPs and parameters. The numbers are computed from the architecture, for a batch of one
+square image of `image_size` pixels a side.
+"""
+
+from condensenet_jax import models
+
+
+class _Counter:
+  """Accumulates (ops, params) layer by layer, with the official formulas."""
+
+  def __init__(self):
+    self.ops = 0
+    self.params = 0
+
+  def relu(self, channels, size):
+    self.ops += channels * size * size
+
+  def norm(self, channels):
+    self.params += 2 * channels
+
+  def conv(self, in_channels, out_channels, kernel, size, stride=1, padding=0, groups=1,
+           divide_by=None):
+    """A convolution on a `size` x `size` map; returns the output size. `divide_by` is the
+    condense factor for a learned group convolution (counted dense / C)."""
+    out = (size + 2 * padding - kernel) // stride + 1
+    dense_ops = in_channels * out_channels * kernel * kernel * out * out
+    dense_params = in_channels * out_channels * kernel * kernel
+    divisor = divide_by or groups
+    self.ops += dense_ops // divisor
+    self.params += dense_params // divisor
+    return out
+
+  def norm_relu_conv(self, in_channels, out_channels, kernel, size, padding=0, groups=1,
+                     divide_by=None):
+    self.relu(in_channels, size)
+    self.norm(in_channels)
+    return self.conv(in_channels, out_channels, kernel, size, padding=padding, groups=groups,
+                     divide_by=divide_by)
+
+  def avg_pool(self, channels, size, window, stride):
+    out = (size - window) // stride + 1
+    self.ops += channels * out * out * window * window
+    return out
+
+  def linear(self, in_features, out_features):
+    self.ops += in_features * out_features + out_features
+    self.params += in_features * out_features + out_features
+
+  def head(self, channels, size, pool):
+    self.norm(channels)
+    self.relu(channels, size)
+    self.avg_pool(channels, size, pool, pool)
+
+
+def _condensenet(model, image_size):
+  model.check()
+  stride, pool = models.stem_geometry(model.stem)
+  condensed = isinstance(model, models.CondensedNet)
+  n = _Counter()
+  size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
+  previous_block = 1
+  for block, _, in_channels, growth in models.dense_layer_inputs(model.stages, model.growth):
+    if block != previous_block:  # transition: 2x2 average pooling
+      size = n.avg_pool(in_channels, size, 2, 2)
+      previous_block = block
+    width = model.bottleneck * growth
+    if condensed:
+      kept = in_channels * model.group_1x1 // model.condense_factor
+      n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
+    else:
+      n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
+    n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
+  features = model.num_features
+  n.head(features, size, pool)
+  n.linear(model.classifier_inputs if condensed else features, model.num_classes)
+  return n
+
+
+def _densenet(model, image_size):
+  stride, pool = models.stem_geometry(model.stem)
+  n = _Counter()
+  size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
+  for block, in_channels, end_channels, out_channels in model.block_channels():
+    growth = model.growth[block - 1]
+    width = model.bottleneck * growth
+    for layer in range(model.stages[block - 1]):
+      n.norm_relu_conv(in_channels + layer * growth, width, 1, size, groups=model.group_1x1)
+      n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
+    if out_channels is not None:
+      n.norm_relu_conv(end_channels, out_channels, 1, size, groups=model.group_1x1)
+      size = n.avg_pool(out_channels, size, 2, 2)
+  n.head(model.num_features, size, pool)
+  n.linear(model.num_features, model.num_classes)
+  return n
+
+
+def count(model, image_size: int) -> tuple[int, int]:
+  """(FLOPs, params) of `model` on one `image_size` x `image_size` image, official convention.
+
+  Works for `models.CondenseNet` (training form, LGC counted as dense / C),
+  `models.CondensedNet` (the exported form) and `models.DenseNet`.
+  """
+  if isinstance(model, models.CondenseNet):
+    n = _condensenet(model, image_size)
+  elif isinstance(model, models.DenseNet):
+    n = _densenet(model, image_size)
+  else:
+    raise TypeError(f'flops.count supports CondenseNet, CondensedNet and DenseNet, '
+                    f'not {type(model).__name__}.')
+  return n.ops, n.params

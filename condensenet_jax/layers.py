@@ -1,0 +1,207 @@
+"""Building blocks of CondenseNet: the learned group convolution, its condensed form, grouped
+convolutions with a per-backend lowering, and the channel shuffle.
+
+Layouts are Flax's: activations NHWC, convolution kernels `(kh, kw, in_channels / groups, out)`.
+A grouped kernel keeps the usual convention that output channels `[g*out/G, (g+1)*out/G)` read
+input channels `[g*in/G, (g+1)*in/G)` (contiguous groups), as PyTorch and XLA do.
+
+Learned group convolution (LGC): output channel `o` belongs to group `o % G` (interleaved). Its
+mask, in the `'masks'` collection, has shape `(in_channels, G)`: column `g` says which input
+channels group `g` still reads. Masks are read here and never written; only
+`condense.condense_event` makes new ones.
+"""
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# He-normal with fan = kh * kw * out_channels, as the official initialization.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
+
+
+def resolve_lowering(lowering: str) -> str:
+  """Returns the grouped-convolution lowering to use on the current backend.
+
+  'grouped' is XLA's `feature_group_count` convolution (what cuDNN and TPUs run well);
+  'block_diagonal' runs one dense convolution with a kernel whose off-diagonal blocks are zero
+  (XLA's CPU backend runs grouped convolutions several times slower than this);
+  'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
+  'auto' picks 'block_diagonal' on CPU and 'grouped' elsewhere.
+  """
+  if lowering == 'auto':
+    return 'block_diagonal' if jax.default_backend() == 'cpu' else 'grouped'
+  if lowering not in LOWERINGS:
+    raise ValueError(f'conv_lowering={lowering!r} is not one of '
+                     f"{('auto',) + LOWERINGS}.")
+  return lowering
+
+
+def block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
+  """Grouped kernel `(kh, kw, in/G, out)` -> dense `(kh, kw, in, out)`, zero off the diagonal."""
+  kh, kw, in_per_group, out = kernel.shape
+  k = kernel.reshape(kh, kw, in_per_group, groups, out // groups)
+  eye = jnp.eye(groups, dtype=kernel.dtype)
+  dense = jnp.einsum('hwigo,Gg->hwGigo', k, eye)  # [kh, kw, G_in, in/G, G_out, out/G]
+  return dense.reshape(kh, kw, groups * in_per_group, out)
+
+
+def _conv(x, kernel, strides, padding, groups=1):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
+                 strides: Sequence[int] = (1, 1),
+                 padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+                 lowering: str = 'auto') -> jax.Array:
+  """Convolution with `groups` contiguous groups, lowered as `lowering` says.
+
+  Args:
+    x: `[batch, h, w, in]`.
+    kernel: `[kh, kw, in / groups, out]`.
+    groups: number of groups (1 = ordinary convolution).
+    strides, padding: as `lax.conv_general_dilated` (explicit padding, PyTorch's convention).
+    lowering: see `resolve_lowering`.
+  Returns:
+    `[batch, h', w', out]`, the same function for every lowering.
+  """
+  lowering = resolve_lowering(lowering)
+  kh, kw, in_per_group, out = kernel.shape
+  pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
+      p == (0, 0) for p in padding)
+  if groups == 1:
+    if pointwise:
+      return jnp.dot(x, kernel[0, 0])
+    return _conv(x, kernel, strides, padding)
+  if lowering == 'grouped':
+    return _conv(x, kernel, strides, padding, groups)
+  if lowering == 'block_diagonal':
+    dense = block_diagonal(kernel, groups)
+    return jnp.dot(x, dense[0, 0]) if pointwise else _conv(x, dense, strides, padding)
+  # per_group
+  if pointwise:
+    xg = x.reshape(x.shape[:-1] + (groups, in_per_group))  # [n, h, w, G, in/G]
+    kg = kernel[0, 0].reshape(in_per_group, groups, out // groups).transpose(1, 0, 2)
+    y = jnp.einsum('nhwgi,gio->nhwgo', xg, kg)  # [n, h, w, G, out/G]
+    return y.reshape(y.shape[:-2] + (out,))
+  xs = jnp.split(x, groups, axis=-1)
+  ks = jnp.split(kernel, groups, axis=-1)
+  return jnp.concatenate([_conv(a, b, strides, padding) for a, b in zip(xs, ks)], axis=-1)
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """Group-major channel order `g * (C/G) + k` -> interleaved order `k * G + g`."""
+  c = x.shape[-1]
+  y = x.reshape(x.shape[:-1] + (groups, c // groups))
+  return jnp.swapaxes(y, -1, -2).reshape(x.shape)
+
+
+def expand_mask(mask: jax.Array, out_channels: int) -> jax.Array:
+  """LGC mask `(in, G)` -> per-output-channel mask `(in, out)`: column `o` is `mask[:, o % G]`."""
+  groups = mask.shape[1]
+  return jnp.tile(mask, (1, out_channels // groups))
+
+
+def _batch_norm(module: nn.Module, train: bool, name: str = 'norm') -> nn.BatchNorm:
+  # PyTorch BN: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=module.dtype, axis_name=module.bn_axis_name,
+                      use_fast_variance=False, name=name)
+
+
+class Conv(nn.Module):
+  """BN -> ReLU -> grouped convolution (the official `Conv`), no bias."""
+  features: int
+  kernel_size: int
+  groups: int = 1
+  strides: int = 1
+  padding: int = 0
+  dtype: Any = jnp.float32
+  conv_lowering: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    in_channels = x.shape[-1]
+    x = nn.relu(_batch_norm(self, train)(x))
+    k = self.kernel_size
+    kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
+                        jnp.float32)
+    p = self.padding
+    return grouped_conv(x, kernel.astype(self.dtype), self.groups,
+                        strides=(self.strides, self.strides), padding=((p, p), (p, p)),
+                        lowering=self.conv_lowering)
+
+
+class LearnedGroupConv(nn.Module):
+  """BN -> ReLU -> (dropout) -> 1x1 convolution whose kernel is multiplied by a learned mask.
+
+  Output channel `o` belongs to group `o % groups`; the mask (`'masks'` collection, shape
+  `(in_channels, groups)`, float 0/1) says which inputs each group reads. The effective kernel
+  is `kernel * mask[:, arange(out) % groups]`.
+  """
+  features: int
+  groups: int
+  condense_factor: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    in_channels = x.shape[-1]
+    x = nn.relu(_batch_norm(self, train)(x))
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
+    mask = self.variable('masks', 'mask', jnp.ones, (in_channels, self.groups), jnp.float32)
+    weight = kernel[0, 0] * expand_mask(mask.value, self.features)  # [in, out]
+    return jnp.dot(x, weight.astype(self.dtype))
+
+
+class CondensedConv(nn.Module):
+  """The inference form of an LGC: gather -> BN -> ReLU -> 1x1 group conv -> channel shuffle.
+
+  `index` (`'indices'` collection) lists the kept input channels, group after group; the
+  kernel is a grouped kernel `(1, 1, kept / groups, out)` whose output channels come out
+  group-major and are shuffled back into the LGC's interleaved order.
+  """
+  features: int
+  groups: int
+  condense_factor: int
+  dtype: Any = jnp.float32
+  conv_lowering: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    kept = x.shape[-1] * self.groups // self.condense_factor
+    index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
+    x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
+    x = nn.relu(_batch_norm(self, train)(x))
+    kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
+                        jnp.float32)
+    y = grouped_conv(x, kernel.astype(self.dtype), self.groups, lowering=self.conv_lowering)
+    return channel_shuffle(y, self.groups)
+
+
+class CondensedLinear(nn.Module):
+  """Classifier of the condensed model: gather the kept features, then a smaller Linear."""
+  features: int
+  kept: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    index = self.variable('indices', 'index', jnp.zeros, (self.kept,), jnp.int32)
+    kernel = self.param('kernel', linear_init, (self.kept, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x = jnp.take(x, index.value, axis=-1)
+    return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)

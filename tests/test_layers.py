@@ -1,0 +1,105 @@
+"""Tests for condensenet_jax.layers: lowerings, channel shuffle, masks, LGC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from condensenet_jax import layers
+
+
+def _reference_grouped_conv(x, kernel, groups, stride, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups, precision='highest')
+
+
+@pytest.mark.parametrize('lowering', layers.LOWERINGS)
+@pytest.mark.parametrize('kernel_size,stride,pad,groups', [
+    (1, 1, 0, 4), (3, 1, 1, 4), (3, 2, 1, 2), (1, 1, 0, 1), (3, 1, 1, 8)])
+def test_grouped_conv_lowerings_agree(lowering, kernel_size, stride, pad, groups):
+  kx, kk = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, 9, 9, 16))
+  kernel = jax.random.normal(kk, (kernel_size, kernel_size, 16 // groups, 24))
+  padding = ((pad, pad), (pad, pad))
+  expected = _reference_grouped_conv(x, kernel, groups, stride, padding)
+  with jax.default_matmul_precision('highest'):
+    actual = layers.grouped_conv(x, kernel, groups, strides=(stride, stride), padding=padding,
+                                 lowering=lowering)
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_layout():
+  kernel = jnp.arange(1 * 1 * 2 * 6, dtype=jnp.float32).reshape(1, 1, 2, 6) + 1
+  dense = np.asarray(layers.block_diagonal(kernel, 3))[0, 0]  # [6, 6]
+  for g in range(3):
+    rows, cols = slice(2 * g, 2 * g + 2), slice(2 * g, 2 * g + 2)
+    np.testing.assert_array_equal(dense[rows, cols], np.asarray(kernel)[0, 0][:, cols])
+    off = np.ones(6, bool)
+    off[cols] = False
+    assert not dense[rows][:, off].any()
+
+
+def test_resolve_lowering():
+  assert layers.resolve_lowering('auto') in layers.LOWERINGS
+  with pytest.raises(ValueError, match="conv_lowering='fast'"):
+    layers.resolve_lowering('fast')
+
+
+def test_channel_shuffle_is_group_major_to_interleaved():
+  x = jnp.arange(12.0)[None, None, None, :]  # position p holds channel p
+  y = np.asarray(layers.channel_shuffle(x, 3))[0, 0, 0]
+  # Group-major position g*4 + k moves to k*3 + g.
+  expected = np.empty(12)
+  for g in range(3):
+    for k in range(4):
+      expected[k * 3 + g] = g * 4 + k
+  np.testing.assert_array_equal(y, expected)
+
+
+def test_expand_mask_assigns_output_channel_o_to_group_o_mod_g():
+  mask = jnp.array([[1., 0.], [0., 1.], [1., 1.]])  # [in=3, G=2]
+  expanded = np.asarray(layers.expand_mask(mask, 6))
+  for o in range(6):
+    np.testing.assert_array_equal(expanded[:, o], np.asarray(mask)[:, o % 2])
+
+
+def test_learned_group_conv_is_masked_dense_conv():
+  lgc = layers.LearnedGroupConv(features=8, groups=4, condense_factor=4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 12))
+  variables = lgc.init(jax.random.PRNGKey(2), x)
+  assert variables['masks']['mask'].shape == (12, 4)
+  np.testing.assert_array_equal(variables['masks']['mask'], 1.0)
+  mask = np.ones((12, 4), np.float32)
+  mask[[0, 5, 7], 1] = 0
+  mask[[2, 3, 11], 3] = 0
+  variables = {**variables, 'masks': {'mask': jnp.asarray(mask)}}
+  with jax.default_matmul_precision('highest'):
+    y = lgc.apply(variables, x)
+  kernel = np.asarray(variables['params']['kernel'])[0, 0]  # [12, 8]
+  effective = kernel * mask[:, np.arange(8) % 4]
+  h = np.maximum((np.asarray(x) - 0.0) / np.sqrt(1.0 + 1e-5), 0)  # fresh BN: mean 0, var 1
+  np.testing.assert_allclose(y, h @ effective, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_group_conv_never_writes_masks():
+  lgc = layers.LearnedGroupConv(features=8, groups=2, condense_factor=2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 3, 6))
+  variables = lgc.init(jax.random.PRNGKey(2), x)
+  # 'masks' immutable: any write inside apply would raise.
+  lgc.apply(variables, x, train=True, mutable=['batch_stats'])
+  _, updates = lgc.apply(variables, x, train=True, mutable=True)
+  np.testing.assert_array_equal(updates['masks']['mask'], variables['masks']['mask'])
+
+
+def test_conv_init_is_he_normal_with_fan_out():
+  kernel = layers.conv_init(jax.random.PRNGKey(0), (3, 3, 64, 128))
+  np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (9 * 128)), rtol=0.03)
+  assert np.abs(kernel).max() > 3.5 * np.sqrt(2.0 / (9 * 128))  # untruncated normal
+
+
+def test_linear_init_is_pytorch_uniform():
+  kernel = np.asarray(layers.linear_init(jax.random.PRNGKey(0), (400, 10)))
+  bound = 1 / np.sqrt(400)
+  assert np.abs(kernel).max() <= bound
+  assert np.abs(kernel).max() > 0.98 * bound

@@ -1,0 +1,154 @@
+"""Tests for condensenet_jax.models: structure, initialization, variants, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from condensenet_jax import models
+
+
+def _shapes(model, image_size):
+  return models.variable_shapes(model, image_size)
+
+
+def _size(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_condensenet86_structure():
+  shapes = _shapes(models.CondenseNet86(), 32)
+  assert set(shapes) == {'params', 'batch_stats', 'masks'}
+  # The uncondensed CondenseNet-86 (dense 1x1 kernels) has 1,451,594 parameters.
+  assert _size(shapes['params']) == 1_451_594
+  masks = traverse_util.flatten_dict(shapes['masks'])
+  assert len(masks) == 42
+  first = shapes['masks']['denseblock_1']['denselayer_1']['conv_1']['mask']
+  last = shapes['masks']['denseblock_3']['denselayer_14']['conv_1']['mask']
+  assert first.shape == (16, 4) and last.shape == (16 + 14 * 8 + 14 * 16 + 13 * 32, 4)
+  assert shapes['params']['classifier']['kernel'].shape == (800, 10)
+  assert shapes['params']['denseblock_2']['denselayer_1']['conv_2']['kernel'].shape == (
+      3, 3, 64 // 4, 16)
+
+
+@pytest.mark.parametrize('variant,image_size,num_masks,features', [
+    ('CondenseNet50', 32, 24, 16 + 8 * 56),
+    ('CondenseNet182', 32, 90, 24 + 30 * 84),
+    ('CondenseNet74_C4', 224, 36, 2064),
+    ('CondenseNet74_C8', 224, 36, 2064),
+])
+def test_variants_build(variant, image_size, num_masks, features):
+  model = getattr(models, variant)()
+  shapes = _shapes(model, image_size)
+  assert len(traverse_util.flatten_dict(shapes['masks'])) == num_masks
+  assert model.num_features == features
+  assert shapes['params']['classifier']['kernel'].shape == (features, model.num_classes)
+
+
+def test_densenet_bc100_parameters():
+  shapes = _shapes(models.DenseNetBC100(), 32)
+  assert _size(shapes['params']) == 769_162  # REFERENCE.md: 0.769M
+  assert 'masks' not in shapes
+  # Transitions compress by 0.5: 24 + 16*12 = 216 -> 108; 108 + 192 = 300 -> 150.
+  assert shapes['params']['transition_1']['conv']['kernel'].shape == (1, 1, 216, 108)
+  assert shapes['params']['transition_2']['conv']['kernel'].shape == (1, 1, 300, 150)
+
+
+@pytest.mark.parametrize('how', ['flax_init', 'init_variables'])
+def test_initialization_follows_official_code(how):
+  model = models.CondenseNet(stages=(2, 2, 2), growth=(8, 16, 32))
+  if how == 'flax_init':
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  else:
+    variables = models.init_variables(model, seed=0)
+    assert jax.tree.structure(variables) == jax.tree.structure(models.variable_shapes(model))
+  params = traverse_util.flatten_dict(variables['params'])
+  kernels = np.concatenate([np.asarray(v).reshape(-1) / np.sqrt(2.0 / (v.shape[0] * v.shape[1] *
+                                                                        v.shape[3]))
+                            for k, v in params.items() if k[-1] == 'kernel' and v.ndim == 4])
+  np.testing.assert_allclose(kernels.std(), 1.0, atol=0.02)  # He-normal, fan = kh*kw*out
+  for k, v in params.items():
+    if k[-2:] == ('norm', 'scale') or k[-2:] == ('norm_last', 'scale'):
+      np.testing.assert_array_equal(v, 1.0)
+    if k[-1] == 'bias':
+      np.testing.assert_array_equal(v, 0.0)
+  classifier = np.asarray(variables['params']['classifier']['kernel'])
+  assert np.abs(classifier).max() <= 1 / np.sqrt(classifier.shape[0])
+  for mask in jax.tree.leaves(variables['masks']):
+    np.testing.assert_array_equal(mask, 1.0)
+
+
+def test_apply_never_writes_masks_and_dropout_needs_rng():
+  model = models.CondenseNetTiny(dropout_rate=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = models.init_variables(model, seed=1)
+  train = jax.jit(lambda v, x, rng: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                rngs={'dropout': rng}))
+  logits, updates = train(variables, x, jax.random.PRNGKey(2))
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert set(updates) == {'batch_stats'}
+  other, _ = train(variables, x, jax.random.PRNGKey(3))
+  assert not np.allclose(logits, other)  # dropout masks differ with the rng
+  with pytest.raises(Exception, match='dropout'):
+    model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+
+def test_lowerings_give_the_same_model():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  base = models.CondenseNetTiny(conv_lowering='grouped')
+  variables = models.init_variables(base, seed=1)
+  with jax.default_matmul_precision('highest'):
+    expected = jax.jit(base.apply)(variables, x)
+    for lowering in ('block_diagonal', 'per_group'):
+      actual = jax.jit(models.CondenseNetTiny(conv_lowering=lowering).apply)(variables, x)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_keeps_float32_params():
+  model = models.CondenseNetTiny(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  shapes = models.variable_shapes(model)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(shapes))
+  variables = models.init_variables(model)
+  low = jax.jit(model.apply)(variables, x)
+  full = jax.jit(models.CondenseNetTiny().apply)(variables, x)
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, full, rtol=0.1, atol=0.05)
+
+
+def test_wrong_image_size_is_explained():
+  model = models.CondenseNetTiny()
+  with pytest.raises(ValueError, match='needs input images of 32 pixels'):
+    _shapes(model, 28)
+  with pytest.raises(ValueError, match='needs input images of 224 pixels'):
+    _shapes(models.CondenseNet74_C4(), 256)
+
+
+@pytest.mark.parametrize('fields,message', [
+    (dict(growth=(6, 12, 24), group_1x1=2, group_3x3=2),
+     'denselayer_2 input channels = 18 is not divisible by condense_factor = 4'),
+    (dict(growth=(4, 6, 8), group_3x3=4), 'growth of denseblock_2 = 6 is not divisible by '
+     'group_3x3 = 4'),
+    (dict(stages=(2, 2)), 'equal length'),
+    (dict(stem='mnist'), "stem='mnist' is unknown"),
+])
+def test_invalid_architecture_is_explained(fields, message):
+  model = models.CondenseNetTiny(**fields)
+  with pytest.raises(ValueError, match=message):
+    _shapes(model, 32)
+
+
+def test_condensed_net_from_model_keeps_fields():
+  model = models.CondenseNet74_C8(num_classes=100)
+  small = models.CondensedNet.from_model(model, classifier_keep=0.25)
+  assert (small.stages, small.growth, small.group_1x1, small.condense_factor,
+          small.num_classes, small.stem) == ((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), 8, 8, 100,
+                                             'imagenet')
+  assert small.classifier_inputs == 2064 // 4
+  shapes = _shapes(small, 224)
+  assert set(shapes) == {'params', 'batch_stats', 'indices'}
+  # Condensed LGC: in=16 -> keeps 16*8/8 = 16 inputs, 8 groups of 2, out = 4*8 = 32.
+  conv_1 = shapes['params']['denseblock_1']['denselayer_1']['conv_1']
+  assert conv_1['kernel'].shape == (1, 1, 2, 32)
+  assert shapes['indices']['classifier']['index'].shape == (516,)
