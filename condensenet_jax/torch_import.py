@@ -15,7 +15,6 @@ Linear weights `(out, in)` vs `(in, out)`; an LGC's `_mask` is `(out, in, 1, 1)`
 
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 from flax import traverse_util
 

@@ -206,7 +206,7 @@ def test_condensing_then_export_preserves_the_function(fields, seed):
     params = jax.tree.map(lambda w: w * rng.uniform(0.2, 2.0, w.shape).astype(w.dtype),
                           variables['params'])
     new = event(params, masks)
-    for old_mask, new_mask in zip(jax.tree.leaves(masks), jax.tree.leaves(new)):
+    for old_mask, new_mask in zip(jax.tree.leaves(masks), jax.tree.leaves(new), strict=True):
       assert np.all(np.asarray(new_mask) <= np.asarray(old_mask))  # masks only shrink
     masks = new
     variables = {**variables, 'params': params, 'masks': masks}

@@ -149,7 +149,7 @@ def test_densenet_state_dict_round_trip():
   assert state['features.transition_1.conv.conv.weight'].shape == (8, 16, 1, 1)
   assert 'features.transition_2.conv.norm.running_mean' in state
   loaded = torch_import.load_state_dict(model, state)
-  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
