@@ -1,0 +1,541 @@
+"""Training: the compiled data-parallel step, evaluation, checkpoints, export and summary.
+
+The step is written per device (named axis `'batch'`: `lax.pmean` of gradients, metrics and
+BN running statistics) and compiled once with `jax.jit(jax.shard_map(...))` over a 1-D mesh of
+all devices; the same program serves one CPU, several GPUs and many hosts. Inside the step the
+condensing event of a new stage is applied before the forward pass (decided on device from the
+step number), so the whole run, all stages included, is one compilation.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from condensenet_jax import checkpoint, condense, data, flops, models, reporting
+
+AXIS = 'batch'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array         # int32 []
+  params: Any
+  batch_stats: Any
+  masks: Any              # {} for models without learned group convolutions
+  opt_state: Any
+  rng: jax.Array          # uint32 [2], the run's base key
+
+  def variables(self, masks=None):
+    v = {'params': self.params, 'batch_stats': self.batch_stats}
+    masks = self.masks if masks is None else masks
+    if masks:
+      v['masks'] = masks
+    return v
+
+
+# --- building blocks from the config ------------------------------------------------------
+
+def compute_dtype(config):
+  if config.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.")
+  return jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+
+
+def build_model(config, num_classes: int):
+  """The training-form model described by `config.model`."""
+  m = config.model
+  common = dict(stages=tuple(m.stages), growth=tuple(m.growth), bottleneck=m.bottleneck,
+                group_1x1=m.group_1x1, group_3x3=m.group_3x3, num_classes=num_classes,
+                stem=m.stem, dtype=compute_dtype(config), conv_lowering=m.conv_lowering,
+                bn_axis_name=AXIS if config.sync_batch_stats else None)
+  if m.name == 'CondenseNet':
+    return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
+                              **common)
+  if m.name == 'DenseNet':
+    return models.DenseNet(reduction=m.reduction, **common)
+  raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet' or 'DenseNet'.")
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Cosine decay per step to 0 (official), after an optional linear warmup; the peak is
+  `learning_rate * batch_size / lr_base_batch_size` when `lr_base_batch_size` is set."""
+  peak = config.learning_rate
+  if config.lr_base_batch_size:
+    peak *= config.batch_size / config.lr_base_batch_size
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  cosine = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+  if not warmup:
+    return cosine
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), cosine], [warmup])
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and PyTorch's coupled weight decay (added to the gradient)."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+
+
+# --- the per-device programs --------------------------------------------------------------
+
+def _apply_events(state: TrainState, model, total_steps: int):
+  """Masks for this step: the condensing events of every stage entered since the last step
+  (one, at the first step of a stage; more only if a stage lasted zero steps)."""
+  c = model.condense_factor
+  stage = condense.stage_at(state.step, total_steps, c)
+  previous = condense.stage_at(jnp.maximum(state.step - 1, 0), total_steps, c)
+  event = lambda _, masks: condense.condense_event(state.params, masks, model)
+  return lax.fori_loop(0, stage - previous, event, state.masks), stage
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_steps, mean,
+               std, augment_on_device: bool, count_trace: Callable[[], None] = lambda: None):
+  """One SGD step on this device's share of the global batch (runs inside shard_map)."""
+  count_trace()
+  local_batch = batch['label'].shape[0]
+  if state.masks:
+    masks, stage = _apply_events(state, model, total_steps)
+  else:
+    masks, stage = state.masks, jnp.zeros((), jnp.int32)
+  key = jax.random.fold_in(state.rng, state.step)
+  augment_key, dropout_key = jax.random.split(key)
+  # Randomness per example, keyed by its position in the global batch: the same run on any
+  # number of devices sees the same crops and flips.
+  positions = lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+  images = batch['image']
+  if augment_on_device:
+    example_keys = jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(positions)
+    images = data.augment(images, example_keys, config.crop_padding, config.flip)
+  x = data.normalize(images, mean, std, compute_dtype(config))
+  dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(AXIS))
+  use_lasso = bool(state.masks) and config.group_lasso > 0
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {**state.variables(masks), 'params': params}, x, train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_key})
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    lasso = condense.group_lasso(params, masks) if use_lasso else jnp.zeros(())
+    weight = config.group_lasso * condense.is_condensing(stage, model.condense_factor) \
+        if use_lasso else 0.0
+    return ce + weight * lasso, (logits, updates['batch_stats'], ce, lasso)
+
+  (loss, (logits, batch_stats, ce, lasso)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, AXIS)
+  batch_stats = lax.pmean(batch_stats, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = lax.pmean({
+      'loss': loss, 'cross_entropy': ce, 'group_lasso': lasso,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+  }, AXIS)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                 lr=schedule(state.step), stage=stage, finite=finite)
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, masks=masks,
+                      opt_state=opt_state)
+  # A non-finite step is not applied: the state stays the last good one, the host stops.
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  return new, metrics
+
+
+def eval_step(variables, batch, *, model, mean, std, dtype):
+  """Sums of correct predictions, loss and real examples over the global batch."""
+  logits = model.apply(variables, data.normalize(batch['image'], mean, std, dtype), train=False)
+  valid = batch['valid']
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  return lax.psum({'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * valid),
+                   'loss': jnp.sum(ce * valid), 'count': jnp.sum(valid)}, AXIS)
+
+
+# --- host side ----------------------------------------------------------------------------
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-host run when launched as one of several processes.
+
+  Explicitly with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; or through
+  JAX's cluster detection on a TPU pod slice, under SLURM or under Open MPI. A single process
+  needs nothing.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  elif (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+        or ',' in env.get('TPU_WORKER_HOSTNAMES', '')):
+    jax.distributed.initialize()
+
+
+def state_sha256(state: TrainState) -> str:
+  """SHA-256 of every leaf of the state (path, dtype, shape, bytes), in sorted path order."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _replicate(tree, sharding):
+  """Host arrays (equal on every process) -> global arrays replicated over the mesh."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]), tree)
+
+
+def _model_fields(model) -> dict[str, Any]:
+  return {f.name: (getattr(model, f.name) if not isinstance(getattr(model, f.name), tuple)
+                   else list(getattr(model, f.name)))
+          for f in dataclasses.fields(model)
+          if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
+                                       'bn_axis_name')}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything fixed for one run: data, model, schedule, compiled programs."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  model: Any
+  dataset: Optional[data.InMemoryDataset]
+  num_train: int
+  steps_per_epoch: int
+  total_steps: int
+  schedule: Any
+  tx: Any
+  train_step: Any
+  eval_step: Callable
+  traces: list
+  mean: tuple
+  std: tuple
+
+
+def validate(config, devices: int) -> None:
+  """Checks done before anything is loaded or compiled."""
+  if config.dataset not in data.DATASETS:
+    raise ValueError(f'config.dataset={config.dataset!r} is unknown; use one of '
+                     f'{data.DATASETS}.')
+  if config.batch_size % devices:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{devices} devices; use a multiple of {devices}.')
+  if config.eval_batch_size % devices:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
+                     f'the {devices} devices; use a multiple of {devices}.')
+  if config.num_epochs <= 0:
+    raise ValueError(f'config.num_epochs={config.num_epochs} must be positive.')
+
+
+def setup(config, workdir: str, devices=None) -> Run:
+  """Loads the data and builds the model, schedule and compiled programs of a run over
+  `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  validate(config, len(devices))
+  mesh = Mesh(np.asarray(devices), (AXIS,))
+  if config.dataset == 'imagenet2012':
+    dataset = None
+    counts = data.imagenet_num_examples(config.data_dir)
+    num_train, num_classes = counts['train'], 1000
+    mean, std = data.IMAGENET_STATS
+  else:
+    dataset = data.load(config.dataset, config.data_dir)
+    num_train, num_classes = len(dataset.train_labels), dataset.num_classes
+    mean, std = dataset.mean, dataset.std
+  model = build_model(config, num_classes)
+  if isinstance(model, models.CondenseNet):
+    model.check()
+  per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+  total = config.num_epochs * per_epoch
+  if isinstance(model, models.CondenseNet) and total < 2 * (model.condense_factor - 1):
+    raise ValueError(
+        f'{total} training steps cannot hold the {2 * (model.condense_factor - 1)} '
+        f'condensing stages of condense_factor={model.condense_factor}; raise num_epochs.')
+  schedule = learning_rate_schedule(config, per_epoch, total)
+  tx = make_optimizer(config, schedule)
+  traces = []
+  step = functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule, config=config, total_steps=total,
+      mean=mean, std=std, augment_on_device=dataset is not None,
+      count_trace=lambda: traces.append(1))
+  # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
+  # pmean (with varying-value tracking, JAX would psum them when transposing instead).
+  compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                                        out_specs=(P(), P()), check_vma=False),
+                          donate_argnums=0)
+
+  @functools.lru_cache(maxsize=None)
+  def compiled_eval(eval_model):
+    fn = functools.partial(eval_step, model=eval_model, mean=mean, std=std,
+                           dtype=compute_dtype(config))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+                                 check_vma=False))
+
+  return Run(config, workdir, mesh, model, dataset, num_train, per_epoch, total, schedule, tx,
+             compiled_step, compiled_eval, traces, mean, std)
+
+
+def initial_state(run: Run) -> TrainState:
+  variables = models.init_variables(run.model, seed=run.config.seed)
+  params = variables['params']
+  opt_state = jax.jit(run.tx.init)(params)
+  state = TrainState(step=np.zeros((), np.int32), params=params,
+                     batch_stats=variables['batch_stats'], masks=variables.get('masks', {}),
+                     opt_state=opt_state,
+                     rng=np.asarray(jax.random.PRNGKey(run.config.seed + 1)))
+  return _replicate(jax.device_get(state), NamedSharding(run.mesh, P()))
+
+
+def _global_batch(run: Run, arrays: dict[str, np.ndarray]):
+  sharding = NamedSharding(run.mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+
+
+def _train_batches(run: Run, start_step: int):
+  """This process's share of the global batches from `start_step` on."""
+  if run.dataset is None:
+    yield from data.imagenet_train(run.config.seed, start_step, run.config.batch_size,
+                                   data_dir=run.config.data_dir)
+    return
+  share = data.process_slice(run.config.batch_size)
+  for step in range(start_step, run.total_steps):
+    idx = data.train_indices(run.config.seed, step, run.num_train, run.config.batch_size)[share]
+    yield {'image': run.dataset.train_images[idx], 'label': run.dataset.train_labels[idx]}
+
+
+def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
+  """Accuracy and loss of `eval_model` on the whole test set."""
+  fn = run.eval_step(eval_model)
+  if run.dataset is None:
+    batches = data.imagenet_eval(run.config.eval_batch_size, data_dir=run.config.data_dir)
+  else:
+    batches = data.eval_batches(run.dataset.test_images, run.dataset.test_labels,
+                                run.config.eval_batch_size)
+  totals = None
+  for images, labels, valid in batches:
+    out = fn(variables, _global_batch(run, {'image': images, 'label': labels,
+                                            'valid': valid}))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
+          'examples': int(count)}
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+def _meta(run: Run, step: int) -> dict[str, Any]:
+  stage = (condense.stage_at(step, run.total_steps, run.model.condense_factor)
+           if isinstance(run.model, models.CondenseNet) else 0)
+  epoch, position = divmod(step, run.steps_per_epoch)
+  return {'config': run.config.to_dict(), 'model': type(run.model).__name__,
+          'model_fields': _model_fields(run.model), 'step': step, 'stage': stage,
+          'epoch': epoch, 'position_in_epoch': position, 'total_steps': run.total_steps}
+
+
+def _restore(run: Run, ckpt: checkpoint.Checkpoints, fresh: TrainState, log) -> TrainState:
+  step = ckpt.latest_step()
+  meta = ckpt.meta(step)
+  saved = (meta.get('model'), meta.get('model_fields'))
+  current = (type(run.model).__name__, _model_fields(run.model))
+  if saved != current:
+    raise ValueError(
+        f'{run.workdir} holds a run of a different model ({saved[0]} {saved[1]}) than this '
+        f'config ({current[0]} {current[1]}); use another --workdir, or delete '
+        f'{ckpt.directory} to start fresh.')
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          fresh)
+  state, _ = ckpt.restore(step, abstract)
+  log(f'resuming from {ckpt.directory}/{step} (step {step}, stage {meta.get("stage")})')
+  return state
+
+
+def _event_line(masks, model, step, stage) -> str:
+  kept = total = 0
+  for mask in jax.tree.leaves(jax.device_get(masks)):
+    kept += int(mask.sum())
+    total += mask.size
+  c = model.condense_factor
+  return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
+          f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')
+
+
+class _Metrics:
+  """Collects the step metrics on device and fetches them in groups (one host sync per
+  group); stops the run on a non-finite step."""
+
+  def __init__(self, writer: reporting.MetricsWriter, batch_size: int):
+    self.writer, self.batch_size = writer, batch_size
+    self.pending, self.latest = [], {}
+    self.timed_since, self.timed_steps = None, 0
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+    if self.timed_since is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      self.timed_since = time.time()
+    else:
+      self.timed_steps += 1
+
+  def img_per_s(self) -> Optional[float]:
+    if not self.timed_steps:
+      return None
+    return self.timed_steps * self.batch_size / (time.time() - self.timed_since)
+
+  def flush(self, step: int) -> None:
+    if not self.pending:
+      return
+    fetched, self.pending = jax.device_get(self.pending), []
+    for i, m in enumerate(fetched):
+      if not bool(m['finite']):
+        raise NonFiniteError(
+            f'non-finite loss or gradient at step {step - len(fetched) + i} (stage '
+            f'{int(m["stage"])}, learning rate {float(m["lr"]):.4g}); the step was not '
+            'applied and no checkpoint of it was written. Lower config.learning_rate or '
+            'check the data.')
+    values = {k: float(np.mean([m[k] for m in fetched]))
+              for k in ('loss', 'cross_entropy', 'group_lasso', 'accuracy', 'grad_norm',
+                        'param_norm')}
+    values.update(lr=float(fetched[-1]['lr']), stage=int(fetched[-1]['stage']))
+    if (speed := self.img_per_s()) is not None:
+      values['img/s'] = speed
+    self.latest = values
+    self.writer.write(step, 'train', {k.replace('/', '_per_'): v for k, v in values.items()})
+
+
+def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
+                metrics: _Metrics, log) -> TrainState:
+  """Runs the steps from `state.step` to the end, with progress, events, evals, checkpoints."""
+  config, model = run.config, run.model
+  lead = jax.process_index() == 0
+  event_steps = (condense.event_steps(run.total_steps, model.condense_factor)
+                 if isinstance(model, models.CondenseNet) else [])
+  step = int(jax.device_get(state.step))
+  batches = _train_batches(run, step)
+  bar = None
+  while step < run.total_steps:
+    epoch, position = divmod(step, run.steps_per_epoch)
+    if bar is None:
+      bar = reporting.ProgressBar(epoch, config.num_epochs, run.steps_per_epoch,
+                                  every=config.log_every_steps, enabled=lead)
+    state, step_metrics = run.train_step(state, _global_batch(run, next(batches)))
+    metrics.add(step_metrics)
+    step += 1
+    if step - 1 in event_steps:
+      metrics.flush(step)
+      log(('\n' if bar.tty else '') + _event_line(state.masks, model, step - 1,
+                                                  event_steps.index(step - 1) + 1))
+    end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
+    if step % config.log_every_steps == 0 or end_of_epoch:
+      metrics.flush(step)
+      shown = ('loss', 'accuracy', 'lr', 'stage', 'img/s')
+      bar.update(position + 1, {k: metrics.latest[k] for k in shown if k in metrics.latest},
+                 final=end_of_epoch)
+    if end_of_epoch:
+      bar = None
+      if (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0
+          and step < run.total_steps):
+        result = evaluate(run, model, state.variables())
+        metrics.writer.write(step, 'eval', result)
+        log(f'eval after epoch {epoch + 1}: accuracy {result["accuracy"]:.4f} '
+            f'loss {result["loss"]:.4f}')
+    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      metrics.flush(step)  # never checkpoint a state that a non-finite step produced
+      ckpt.save(step, state, _meta(run, step))
+  metrics.flush(step)
+  if not ckpt.latest_step() == step:
+    ckpt.save(step, state, _meta(run, step))
+  return state
+
+
+def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[str, Any]:
+  """Exports the condensed model, evaluates both forms and fills in the summary."""
+  model, config, workdir = run.model, run.config, run.workdir
+  lead = jax.process_index() == 0
+  masked = evaluate(run, model, state.variables())
+  summary.update(accuracy=masked['accuracy'], test_loss=masked['loss'],
+                 test_examples=masked['examples'])
+  log(f'test accuracy of the trained model: {masked["accuracy"]:.4f} '
+      f'({masked["examples"]} images)')
+  if isinstance(model, models.CondenseNet):
+    summary['condensing_event_steps'] = condense.event_steps(run.total_steps,
+                                                             model.condense_factor)
+    small, small_vars = condense.export(model, jax.device_get(state.variables()),
+                                        classifier_keep=config.classifier_keep)
+    small_vars = _replicate(small_vars, NamedSharding(run.mesh, P()))
+    condensed = evaluate(run, small, small_vars)
+    f_small, p_small = flops.count(small, models.default_image_size(small))
+    summary.update(condensed_accuracy=condensed['accuracy'],
+                   condensed_test_loss=condensed['loss'], condensed_flops=f_small,
+                   condensed_params=p_small)
+    log(f'test accuracy of the condensed model: {condensed["accuracy"]:.4f} '
+        f'({f_small / 1e6:.2f}M FLOPs, {p_small / 1e6:.3f}M params)')
+    if lead:
+      checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small,
+                                jax.device_get(small_vars))
+  summary['final_state_sha256'] = state_sha256(state)
+  return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, condenses, exports and evaluates; returns (and writes) the run summary.
+
+  Starting again in the same `workdir` resumes from its latest checkpoint.
+  """
+  start_time = time.time()
+  maybe_initialize_distributed()
+  lead = jax.process_index() == 0
+  log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
+  run = setup(config, workdir)
+  model = run.model
+  f_train, p_train = flops.count(model, models.default_image_size(model))
+  log(f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on {config.dataset}: '
+      f'{f_train / 1e6:.2f}M FLOPs, {p_train / 1e6:.3f}M params; {run.total_steps} steps '
+      f'({config.num_epochs} epochs of {run.steps_per_epoch}), global batch '
+      f'{config.batch_size} on {run.mesh.size} {jax.devices()[0].platform} device(s)')
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  writer = reporting.MetricsWriter(workdir, enabled=lead)
+  try:
+    state = initial_state(run)
+    if ckpt.latest_step() is not None:
+      state = _restore(run, ckpt, state, log)
+    start_step = int(jax.device_get(state.step))
+    metrics = _Metrics(writer, config.batch_size)
+    state = _train_loop(run, state, ckpt, metrics, log)
+    ckpt.wait()
+    summary = {'model': type(model).__name__, 'dataset': config.dataset,
+               'total_steps': run.total_steps, 'steps_this_run': run.total_steps - start_step,
+               'resumed_from_step': start_step or None, 'train_img_per_s': metrics.img_per_s(),
+               'train_step_compilations': len(run.traces), 'flops': f_train,
+               'params': p_train}
+    summary = _finish(run, state, summary, log)
+    summary['wall_seconds'] = time.time() - start_time
+    if lead:
+      writer.write(run.total_steps, 'final',
+                   {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+      log(f'summary written to {os.path.join(workdir, "summary.json")}')
+    return summary
+  finally:
+    ckpt.close()
+    writer.close()

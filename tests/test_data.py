@@ -1,0 +1,123 @@
+"""Tests for condensenet_jax.data: datasets, the order of examples, augmentation, eval
+batches and the ImageNet tf.data pipeline (on a tiny locally generated dataset)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from condensenet_jax import data
+
+
+def test_digits_split_is_fixed_and_upsampled():
+  dataset = data.digits()
+  assert dataset.train_images.shape == (1438, 32, 32, 3)
+  assert dataset.test_images.shape == (359, 32, 32, 3)
+  assert dataset.train_images.dtype == np.uint8 and dataset.num_classes == 10
+  # 4x nearest upsampling of 8x8 digits; grey replicated to RGB.
+  image = dataset.train_images[0]
+  np.testing.assert_array_equal(image[::4, ::4, 0], image[1::4, 2::4, 0])
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])
+  again = data.digits()
+  np.testing.assert_array_equal(again.test_labels, dataset.test_labels)
+  assert len(set(map(bytes, dataset.test_images[:50])) & set(
+      map(bytes, dataset.train_images))) < 50  # the splits are different images
+
+
+def test_train_indices_are_a_pure_function_of_seed_and_step():
+  n, batch = 100, 32
+  per_epoch = data.steps_per_epoch(n, batch)
+  assert per_epoch == 4
+  epoch0 = np.concatenate([data.train_indices(7, s, n, batch) for s in range(per_epoch)])
+  assert set(epoch0) == set(range(n))  # every example in every epoch
+  assert len(epoch0) == 128  # the last batch wraps around to the epoch's first examples
+  np.testing.assert_array_equal(epoch0[100:], epoch0[:28])
+  np.testing.assert_array_equal(data.train_indices(7, 2, n, batch), epoch0[64:96])
+  assert not np.array_equal(data.train_indices(7, 4, n, batch), epoch0[:32])  # next epoch
+  assert not np.array_equal(data.train_indices(8, 0, n, batch), epoch0[:32])  # other seed
+
+
+def test_augment_crops_with_zero_padding_and_flips():
+  image = jnp.arange(4 * 4, dtype=jnp.uint8).reshape(1, 4, 4, 1) + 1
+  keys = jax.random.split(jax.random.PRNGKey(0), 200)
+  images = jnp.repeat(image, 200, axis=0)
+  out = np.asarray(data.augment(images, keys, padding=1, flip=True))
+  seen = {out[i].tobytes() for i in range(200)}
+  # 3x3 offsets x 2 flips = 18 distinct results; every one holds a shifted window.
+  assert len(seen) == 18
+  for o in out:
+    assert (o == 0).sum() in (0, 3, 4, 5, 7)  # zero border rows/columns from the padding
+  np.testing.assert_array_equal(data.augment(images[:3], keys[:3], padding=0, flip=False),
+                                images[:3])
+
+
+def test_normalize():
+  x = np.full((1, 2, 2, 3), 255, np.uint8)
+  out = np.asarray(data.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0)))
+  np.testing.assert_allclose(out[0, 0, 0], [2.0, 1.0, 0.5])
+
+
+def test_eval_batches_cover_the_set_once_with_padding():
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) + 1
+  labels = np.arange(10, dtype=np.int32)
+  batches = list(data.eval_batches(images, labels, 4))
+  assert [b[0].shape[0] for b in batches] == [4, 4, 4]
+  valid = np.concatenate([b[2] for b in batches])
+  np.testing.assert_array_equal(valid, [1] * 10 + [0] * 2)
+  seen = np.concatenate([b[1] for b in batches])[valid > 0]
+  np.testing.assert_array_equal(seen, labels)
+  assert not batches[-1][0][2:].any()  # padding is zeros
+
+
+@pytest.mark.parametrize('name,classes', [('cifar10', 10), ('cifar100', 100)])
+def test_cifar_through_mocked_tfds(name, classes):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=20):
+    dataset = data.load(name)
+  assert dataset.train_images.shape == (20, 32, 32, 3)
+  assert dataset.train_images.dtype == np.uint8
+  assert dataset.num_classes == classes
+  assert dataset.mean == data.CIFAR_STATS[name][0]
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="dataset='mnist' is unknown"):
+    data.load('mnist')
+
+
+@pytest.fixture(scope='module')
+def tiny_images(tmp_path_factory):
+  pytest.importorskip('tensorflow')
+  from tiny_images import tiny_images  # registers the 'tiny_images' builder
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tiny_images.TinyImages(data_dir=data_dir).download_and_prepare()
+  return data_dir, tiny_images
+
+
+def test_imagenet_train_pipeline_is_deterministic_and_resumable(tiny_images):
+  data_dir, module = tiny_images
+  kwargs = dict(global_batch=8, image_size=24, data_dir=data_dir, name='tiny_images')
+  stream = data.imagenet_train(3, 0, **kwargs)
+  first = [next(stream) for _ in range(7)]  # 5 steps per epoch: crosses into epoch 2
+  assert first[0]['image'].shape == (8, 24, 24, 3) and first[0]['image'].dtype == np.uint8
+  assert first[0]['label'].dtype == np.int32
+  epoch = np.concatenate([b['image'][:, 0, 0, 0] for b in first[:5]])
+  assert sorted(epoch) == list(range(module.NUM_TRAIN))  # each example once per epoch
+  again = data.imagenet_train(3, 0, **kwargs)
+  for a in first:
+    np.testing.assert_array_equal(next(again)['image'], a['image'])
+  resumed = data.imagenet_train(3, 4, **kwargs)  # resume at step 4
+  for a in first[4:]:
+    np.testing.assert_array_equal(next(resumed)['image'], a['image'])
+  other = next(data.imagenet_train(4, 0, **kwargs))
+  assert not np.array_equal(other['image'], first[0]['image'])
+
+
+def test_imagenet_eval_pipeline_covers_the_validation_set(tiny_images):
+  data_dir, module = tiny_images
+  batches = list(data.imagenet_eval(5, image_size=24, data_dir=data_dir, name='tiny_images'))
+  assert all(b[0].shape == (5, 24, 24, 3) for b in batches)
+  valid = np.concatenate([b[2] for b in batches])
+  assert valid.sum() == module.NUM_VALIDATION and len(valid) == 15
+  pixels = np.concatenate([b[0][:, 12, 12, 0] for b in batches])[valid > 0]
+  assert sorted(pixels) == list(range(module.NUM_VALIDATION))

@@ -1,0 +1,194 @@
+"""End-to-end tests of training: the real entry point, CIFAR under mocked tfds, one
+compilation across stages, resume, and 4 devices vs 1."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from condensenet_jax import checkpoint, condense, data, models, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT))
+from configs import cifar as cifar_config  # pylint: disable=g-import-not-at-top
+from configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+
+
+def tiny(config, epochs=1):
+  """Shrinks a config to a two-minute-free size: a tiny model, one epoch."""
+  config.num_epochs = epochs
+  config.model.stages = (1, 1, 1)
+  config.model.growth = (4, 8, 8)
+  config.eval_every_epochs = 0
+  config.log_every_steps = 5
+  return config
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  """One uninterrupted run of the shrunk digits config (23 steps, checkpoints every 5)."""
+  workdir = tmp_path_factory.mktemp('digits')
+  config = tiny(digits_config.get_config())
+  config.checkpoint_every_steps = 5
+  config.keep_checkpoints = 10
+  summary = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, summary
+
+
+def test_one_compilation_for_all_stages(digits_run):
+  _, _, summary = digits_run
+  assert summary['total_steps'] == 23
+  assert summary['condensing_event_steps'] == [4, 8, 12]
+  assert summary['train_step_compilations'] == 1
+
+
+def test_run_writes_summary_metrics_and_condensed_model(digits_run):
+  config, workdir, summary = digits_run
+  on_disk = json.loads((workdir / 'summary.json').read_text())
+  assert on_disk == json.loads(json.dumps(summary))
+  for key in ('accuracy', 'condensed_accuracy', 'flops', 'params', 'condensed_flops',
+              'condensed_params', 'condensing_event_steps', 'train_img_per_s', 'wall_seconds',
+              'final_state_sha256'):
+    assert key in summary, key
+  assert 0.0 <= summary['condensed_accuracy'] <= 1.0
+  assert summary['test_examples'] == 359
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_records = [r for r in records if r['kind'] == 'train']
+  assert train_records[-1]['step'] == 23 and train_records[-1]['stage'] == 3
+  assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
+  # The saved condensed model reproduces the reported accuracy.
+  small, variables = checkpoint.load_condensed(str(workdir / 'condensed'))
+  dataset = data.digits()
+  x = data.normalize(dataset.test_images, dataset.mean, dataset.std)
+  predictions = np.argmax(jax.jit(small.apply)(variables, x), -1)
+  accuracy = float(np.mean(predictions == dataset.test_labels))
+  assert accuracy == pytest.approx(summary['condensed_accuracy'], abs=1e-6)
+  assert set(condense.condensed_layers(
+      train_masks(workdir, summary), models.CondenseNetTiny()).values()) == {3}
+
+
+def train_masks(workdir, summary):
+  """Masks of the final checkpoint (read back through orbax)."""
+  ckpt = checkpoint.Checkpoints(str(workdir / 'checkpoints'))
+  step = ckpt.latest_step()
+  assert step == summary['total_steps']
+  state, meta = ckpt.restore(step)
+  ckpt.close()
+  assert meta['step'] == step and meta['stage'] == 3
+  return state['masks']
+
+
+def test_resume_from_a_mid_run_checkpoint_is_exact(digits_run, tmp_path):
+  config, workdir, summary = digits_run
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir / 'checkpoints', resumed / 'checkpoints')
+  for step in (23, 20, 15):  # keep 5 and 10: stage 2, after the event at step 8
+    shutil.rmtree(resumed / 'checkpoints' / str(step))
+  again = train.train_and_evaluate(config, str(resumed))
+  assert again['resumed_from_step'] == 10
+  assert again['steps_this_run'] == 13
+  assert again['final_state_sha256'] == summary['final_state_sha256']
+  assert again['condensed_accuracy'] == summary['condensed_accuracy']
+
+
+def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
+  config, workdir, _ = digits_run
+  other = tmp_path / 'other'
+  shutil.copytree(workdir / 'checkpoints', other / 'checkpoints')
+  config = tiny(digits_config.get_config())
+  config.model.growth = (8, 8, 8)
+  with pytest.raises(ValueError, match='holds a run of a different model'):
+    train.train_and_evaluate(config, str(other))
+  assert sorted(os.listdir(other / 'checkpoints')) == sorted(
+      os.listdir(workdir / 'checkpoints'))  # nothing was touched
+
+
+def test_cifar_config_under_mocked_tfds(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = tiny(cifar_config.get_config())
+  config.batch_size = 32
+  config.eval_batch_size = 50
+  with tfds.testing.mock_data(num_examples=192):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['dataset'] == 'cifar10'
+  assert summary['total_steps'] == 6
+  assert summary['test_examples'] == 192
+  assert summary['train_step_compilations'] == 1
+  assert (tmp_path / 'condensed' / 'variables.npz').exists()
+
+
+def test_cifar_without_data_fails_with_a_clear_message(tmp_path):
+  env = {**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')}
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'configs/cifar.py', '--workdir',
+       str(tmp_path / 'run')], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "dataset 'cifar10' is not prepared" in result.stderr
+  assert 'TFDS_DATA_DIR' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_train_py_entry_point(tmp_path):
+  """The real command line on a shrunk digits config, through every condensing stage."""
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir',
+       str(tmp_path), '--config.num_epochs=1', '--config.model.stages=1,1,1',
+       '--config.model.growth=4,8,8', '--config.eval_every_epochs=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  for k in (1, 2, 3):
+    assert f'condensing event {k}/3' in out
+  assert 'test accuracy of the condensed model' in out
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['train_step_compilations'] == 1
+  assert summary['condensing_event_steps'] == [4, 8, 12]
+
+
+def test_four_devices_with_synced_batch_stats_match_one_device():
+  script = textwrap.dedent('''
+      import jax, numpy as np
+      from condensenet_jax import train
+      from configs import digits
+      config = digits.get_config()
+      config.model.stages = (1, 1, 1)
+      config.model.growth = (4, 8, 8)
+      config.num_epochs = 1
+      config.sync_batch_stats = True
+      config.batch_size = 32
+      # A small step size: at lr 0.1 SGD amplifies float32 rounding noise (~1e-5 after one
+      # step) to ~1e-3 within 16 steps, which would hide what this test is about.
+      config.learning_rate = 0.01
+      results = []
+      for devices in (jax.devices()[:1], jax.devices()):
+        run = train.setup(config, '/unused', devices=devices)
+        state = train.initial_state(run)
+        batches = train._train_batches(run, 0)
+        for _ in range(16):  # through the first two condensing events (steps 8 and 15 of 45)
+          state, metrics = run.train_step(state, train._global_batch(run, next(batches)))
+        results.append(jax.device_get(state))
+      one, four = results
+      assert len(jax.devices()) == 4
+      diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))
+                                                              / (np.max(np.abs(a)) + 1e-12)),
+                                           one, four))
+      masks_equal = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one.masks),
+                                                              jax.tree.leaves(four.masks)))
+      print('MAXDIFF', max(diffs), 'MASKS', masks_equal, 'STEP', int(one.step), int(four.step))
+  ''')
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'PYTHONPATH': str(ROOT)}
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('MAXDIFF')][0].split()
+  assert float(line[1]) < 1e-4, line
+  assert line[3] == 'True' and line[5:] == ['16', '16']
