@@ -63,6 +63,12 @@ class LayerSpec:
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
 
+  def conv(self, features: int, kernel_size: int, groups: int, name: str, padding: int = 0):
+    """A BN-ReLU-conv block (`layers.Conv`) with this spec's dtype, lowering and BN axis."""
+    return layers.Conv(features, kernel_size, groups, padding=padding, dtype=self.dtype,
+                       conv_lowering=self.conv_lowering, bn_axis_name=self.bn_axis_name,
+                       name=name)
+
 
 class DenseLayer(nn.Module):
   """conv_1 (1x1, bottleneck * growth) -> conv_2 (3x3 group conv, growth) -> concat."""
@@ -80,11 +86,8 @@ class DenseLayer(nn.Module):
       y = layers.CondensedConv(width, s.group_1x1, s.condense_factor, s.dtype,
                                s.conv_lowering, s.bn_axis_name, name='conv_1')(x, train)
     else:
-      y = layers.Conv(width, 1, s.group_1x1, dtype=s.dtype, conv_lowering=s.conv_lowering,
-                      bn_axis_name=s.bn_axis_name, name='conv_1')(x, train)
-    y = layers.Conv(self.growth, 3, s.group_3x3, padding=1, dtype=s.dtype,
-                    conv_lowering=s.conv_lowering, bn_axis_name=s.bn_axis_name,
-                    name='conv_2')(y, train)
+      y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train)
+    y = s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
     return jnp.concatenate([x, y], axis=-1)  # [n, h, w, in + growth]
 
 
@@ -233,9 +236,7 @@ class Transition(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    s = self.spec
-    x = layers.Conv(self.features, 1, s.group_1x1, dtype=s.dtype, conv_lowering=s.conv_lowering,
-                    bn_axis_name=s.bn_axis_name, name='conv')(x, train)
+    x = self.spec.conv(self.features, 1, self.spec.group_1x1, name='conv')(x, train)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
