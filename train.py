@@ -28,6 +28,8 @@ def main(argv):
   from condensenet_jax import data, train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.Preempted:
+    sys.exit(0)  # a checkpoint was written; running again resumes
   except (data.DatasetUnavailableError, ValueError, train.NonFiniteError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -7,10 +7,13 @@ Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointMan
 
 import json
 import os
+import time
 from typing import Any, Optional
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import traverse_util
 
 from condensenet_jax import models
@@ -46,6 +49,16 @@ class Checkpoints:
     """The JSON item of checkpoint `step` alone (cheap: no arrays are read)."""
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         'meta']
+
+  def quarantine(self, step: int) -> str:
+    """Moves the unreadable checkpoint `step` aside (it is never deleted); returns where."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory, f'corrupt-{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -12,7 +12,10 @@ import functools
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import flax
@@ -22,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensenet_jax import checkpoint, condense, data, flops, models, reporting
@@ -261,6 +265,14 @@ def setup(config, workdir: str, devices=None) -> Run:
   model = build_model(config, num_classes)
   if isinstance(model, models.CondenseNet):
     model.check()
+  image_size = dataset.image_size if dataset is not None else 224
+  if image_size != models.default_image_size(model):
+    raise ValueError(
+        f"config.model.stem={model.stem!r} with {len(model.stages)} dense blocks needs "
+        f'{models.default_image_size(model)}x{models.default_image_size(model)} images, but '
+        f'{config.dataset} images are {image_size}x{image_size}; use '
+        f"stem='{'cifar' if image_size == 32 else 'imagenet'}' or a matching number of "
+        'stages.')
   per_epoch = data.steps_per_epoch(num_train, config.batch_size)
   total = config.num_epochs * per_epoch
   if isinstance(model, models.CondenseNet) and total < 2 * (model.condense_factor - 1):
@@ -352,20 +364,56 @@ def _meta(run: Run, step: int) -> dict[str, Any]:
 
 
 def _restore(run: Run, ckpt: checkpoint.Checkpoints, fresh: TrainState, log) -> TrainState:
-  step = ckpt.latest_step()
-  meta = ckpt.meta(step)
-  saved = (meta.get('model'), meta.get('model_fields'))
-  current = (type(run.model).__name__, _model_fields(run.model))
-  if saved != current:
-    raise ValueError(
-        f'{run.workdir} holds a run of a different model ({saved[0]} {saved[1]}) than this '
-        f'config ({current[0]} {current[1]}); use another --workdir, or delete '
-        f'{ckpt.directory} to start fresh.')
+  """The latest complete checkpoint; unreadable ones are moved aside, with a message, and the
+  one before is used."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           fresh)
-  state, _ = ckpt.restore(step, abstract)
-  log(f'resuming from {ckpt.directory}/{step} (step {step}, stage {meta.get("stage")})')
-  return state
+  current = (type(run.model).__name__, _model_fields(run.model))
+  for step in reversed(ckpt.all_steps()):
+    try:
+      meta = ckpt.meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      _report_corrupt(ckpt, step, e, log)
+      continue
+    saved = (meta.get('model'), meta.get('model_fields'))
+    if saved != current:
+      raise ValueError(
+          f'{run.workdir} holds a run of a different model ({saved[0]} {saved[1]}) than this '
+          f'config ({current[0]} {current[1]}); use another --workdir, or delete '
+          f'{ckpt.directory} to start fresh.')
+    _check_same_run(run, meta, ckpt.directory)
+    try:
+      state, _ = ckpt.restore(step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      _report_corrupt(ckpt, step, e, log)
+      continue
+    log(f'resuming from {ckpt.directory}/{step} (step {step}, stage {meta.get("stage")})')
+    return state
+  log(f'no complete checkpoint is left in {ckpt.directory}: starting from step 0')
+  return fresh
+
+
+# Fields that fix the data order, the schedule and the condensing stages of a run.
+RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'num_epochs')
+
+
+def _check_same_run(run: Run, meta: dict[str, Any], directory: str) -> None:
+  saved = meta.get('config', {})
+  changed = [f'{f}: {saved.get(f)!r} -> {run.config.get(f)!r}' for f in RUN_FIELDS
+             if saved.get(f) != run.config.get(f)]
+  if changed:
+    raise ValueError(
+        f'the checkpoints in {directory} belong to a run with other {", ".join(RUN_FIELDS)} '
+        f'({"; ".join(changed)}); resuming would change its data order and condensing '
+        'schedule. Use the same values, another --workdir, or delete the checkpoints to start '
+        'fresh.')
+
+
+def _report_corrupt(ckpt, step, error, log):
+  where = ckpt.quarantine(step)
+  reason = str(error).splitlines()[0][:200]
+  log(f'checkpoint {ckpt.directory}/{step} is truncated or corrupted ({type(error).__name__}: '
+      f'{reason}); moved it to {where} and trying the previous one')
 
 
 def _event_line(masks, model, step, stage) -> str:
@@ -376,6 +424,64 @@ def _event_line(masks, model, step, stage) -> str:
   c = model.condense_factor
   return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
           f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM/SIGINT after writing a checkpoint; run again to resume."""
+
+
+class _StopSignals:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step (a second SIGINT
+  interrupts at once)."""
+
+  def __init__(self):
+    self.signal, self.previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self, step: int, every: int) -> Optional[str]:
+    """The signal to stop for, once every process agrees (they compare every `every` steps;
+    a lone process checks at every step)."""
+    if jax.process_count() == 1:
+      return self.signal
+    if step % every:
+      return None
+    flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return (self.signal or 'a signal on another host') if np.any(flags) else None
+
+
+DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def configure_determinism(config) -> None:
+  """With `config.deterministic` (default), makes XLA's GPU kernels deterministic (scatter
+  and reductions in a fixed order). XLA reads the flag when JAX starts its backends, so this
+  must run before the first computation."""
+  if not config.get('deterministic', True) or DETERMINISTIC_FLAG in os.environ.get(
+      'XLA_FLAGS', ''):
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    if jax.default_backend() == 'gpu':
+      warnings.warn('config.deterministic=True, but JAX had already started without '
+                    f'XLA_FLAGS={DETERMINISTIC_FLAG}: GPU results may vary between runs. '
+                    'Set the flag in the environment before starting Python.', stacklevel=2)
+    return
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + DETERMINISTIC_FLAG).strip()
 
 
 class _Metrics:
@@ -422,8 +528,10 @@ class _Metrics:
 
 
 def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
-                metrics: _Metrics, log) -> TrainState:
-  """Runs the steps from `state.step` to the end, with progress, events, evals, checkpoints."""
+                metrics: _Metrics, log, stop: _StopSignals) -> TrainState:
+  """Runs the steps from `state.step` to the end, with progress, events, evals and
+  checkpoints; on SIGTERM/SIGINT writes a checkpoint after the current step and raises
+  Preempted."""
   config, model = run.config, run.model
   lead = jax.process_index() == 0
   event_steps = (condense.event_steps(run.total_steps, model.condense_factor)
@@ -460,6 +568,16 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
     if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       metrics.flush(step)  # never checkpoint a state that a non-finite step produced
       ckpt.save(step, state, _meta(run, step))
+    if (received := stop.requested(step, config.log_every_steps)) and step < run.total_steps:
+      metrics.flush(step)
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, _meta(run, step))
+      ckpt.wait()
+      stage = _meta(run, step)['stage']
+      log(('\n' if bar is not None and bar.tty else '') +
+          f'{received}: stopped after step {step} (stage {stage}) and wrote '
+          f'{ckpt.directory}/{step}; run the same command again to resume.')
+      raise Preempted(step)
   metrics.flush(step)
   if not ckpt.latest_step() == step:
     ckpt.save(step, state, _meta(run, step))
@@ -501,6 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Starting again in the same `workdir` resumes from its latest checkpoint.
   """
   start_time = time.time()
+  configure_determinism(config)
   maybe_initialize_distributed()
   lead = jax.process_index() == 0
   log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
@@ -515,13 +634,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   writer = reporting.MetricsWriter(workdir, enabled=lead)
   try:
-    state = initial_state(run)
-    if ckpt.latest_step() is not None:
-      state = _restore(run, ckpt, state, log)
-    start_step = int(jax.device_get(state.step))
-    metrics = _Metrics(writer, config.batch_size)
-    state = _train_loop(run, state, ckpt, metrics, log)
-    ckpt.wait()
+    with _StopSignals() as stop:
+      state = initial_state(run)
+      if ckpt.latest_step() is not None:
+        state = _restore(run, ckpt, state, log)
+      start_step = int(jax.device_get(state.step))
+      metrics = _Metrics(writer, config.batch_size)
+      state = _train_loop(run, state, ckpt, metrics, log, stop)
+      ckpt.wait()
     summary = {'model': type(model).__name__, 'dataset': config.dataset,
                'total_steps': run.total_steps, 'steps_this_run': run.total_steps - start_step,
                'resumed_from_step': start_step or None, 'train_img_per_s': metrics.img_per_s(),
@@ -537,5 +657,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log(f'summary written to {os.path.join(workdir, "summary.json")}')
     return summary
   finally:
+    ckpt.wait()
     ckpt.close()
     writer.close()

@@ -32,6 +32,7 @@ def get_config():
   config.group_lasso = 0.0        # lambda; applied during the condensing stages only
   config.dtype = 'float32'        # or 'bfloat16' (activations; params stay float32)
   config.sync_batch_stats = False  # True: BN batch statistics over all devices
+  config.deterministic = True     # GPU: XLA's deterministic kernels (bit-identical reruns)
 
   config.crop_padding = 4
   config.flip = True
