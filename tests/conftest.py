@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,13 @@ import numpy as np
 import pytest
 
 from condensenet_jax import models
+
+# Programs compiled by one test (e.g. the training step of a tiny config) are reused by the
+# next ones that build the same program, also in subprocesses that inherit the variable.
+_CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 FIXTURES = pathlib.Path(os.environ.get(
     'CONDENSENET_FIXTURES',

@@ -99,6 +99,31 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(digits_run, tmp_path):
   assert again['condensed_accuracy'] == summary['condensed_accuracy']
 
 
+@pytest.mark.parametrize('resume_at', [7, 8, 9])  # around the condensing event at step 8
+def test_resume_next_to_a_condensing_event_is_exact(tmp_path_factory, resume_at):
+  config = tiny(digits_config.get_config())
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 30
+  every_step = _every_step_run(tmp_path_factory, config)
+  workdir = tmp_path_factory.mktemp(f'resume_{resume_at}')
+  shutil.copytree(every_step[0] / 'checkpoints' / str(resume_at),
+                  workdir / 'checkpoints' / str(resume_at))
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['resumed_from_step'] == resume_at
+  assert summary['final_state_sha256'] == every_step[1]['final_state_sha256']
+
+
+_EVERY_STEP = {}
+
+
+def _every_step_run(tmp_path_factory, config):
+  """One uninterrupted run with a checkpoint after every step (shared by the cases above)."""
+  if 'run' not in _EVERY_STEP:
+    workdir = tmp_path_factory.mktemp('every_step')
+    _EVERY_STEP['run'] = (workdir, train.train_and_evaluate(config, str(workdir)))
+  return _EVERY_STEP['run']
+
+
 def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
   config, workdir, _ = digits_run
   other = tmp_path / 'other'
