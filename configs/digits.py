@@ -24,7 +24,7 @@ def get_config():
   config.crop_padding = 2
   config.log_every_steps = 10
   config.eval_every_epochs = 10
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = 50
   config.model.stages = (2, 2, 2)
   config.model.growth = (4, 8, 32)
   return config
