@@ -109,8 +109,9 @@ def expand_mask(mask: jax.Array, out_channels: int) -> jax.Array:
   return jnp.tile(mask, (1, out_channels // groups))
 
 
-def _batch_norm(module: nn.Module, train: bool, name: str = 'norm') -> nn.BatchNorm:
-  # PyTorch BN: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+def batch_norm(module: nn.Module, train: bool, name: str = 'norm') -> nn.BatchNorm:
+  """BatchNorm as PyTorch's (eps 1e-5, momentum 0.1 = Flax momentum 0.9), with `module`'s
+  dtype and BN axis (set for synchronized batch statistics)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       dtype=module.dtype, axis_name=module.bn_axis_name,
                       use_fast_variance=False, name=name)
@@ -130,7 +131,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_channels = x.shape[-1]
-    x = nn.relu(_batch_norm(self, train)(x))
+    x = nn.relu(batch_norm(self, train)(x))
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
@@ -157,7 +158,7 @@ class LearnedGroupConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_channels = x.shape[-1]
-    x = nn.relu(_batch_norm(self, train)(x))
+    x = nn.relu(batch_norm(self, train)(x))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
@@ -185,7 +186,7 @@ class CondensedConv(nn.Module):
     kept = x.shape[-1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
     x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
-    x = nn.relu(_batch_norm(self, train)(x))
+    x = nn.relu(batch_norm(self, train)(x))
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32)
     y = grouped_conv(x, kernel.astype(self.dtype), self.groups, lowering=self.conv_lowering)

@@ -74,7 +74,7 @@ def _mask_from_torch(key, array, groups):
   return np.ascontiguousarray(rows[:groups].T)
 
 
-def _to_flax(collection, key, array, shape, groups):
+def _to_flax(collection, key, array, groups):
   if collection == 'masks':
     return _mask_from_torch(key, array, groups).astype(np.float32)
   if collection == 'indices':
@@ -115,7 +115,7 @@ def _load(model, state_dict, condensed: bool):
       problems.append(f'{key}: expected shape {want}, found {tuple(found)}')
       continue
     try:
-      flat[(collection,) + path] = _to_flax(collection, key, state[key], shape, groups)
+      flat[(collection,) + path] = _to_flax(collection, key, state[key], groups)
     except StateDictError as e:
       problems.append(str(e))
   for key in sorted(set(state) - expected_keys):
