@@ -354,12 +354,16 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
+def _stage(run: Run, step: int) -> int:
+  if not isinstance(run.model, models.CondenseNet):
+    return 0
+  return condense.stage_at(step, run.total_steps, run.model.condense_factor)
+
+
 def _meta(run: Run, step: int) -> dict[str, Any]:
-  stage = (condense.stage_at(step, run.total_steps, run.model.condense_factor)
-           if isinstance(run.model, models.CondenseNet) else 0)
   epoch, position = divmod(step, run.steps_per_epoch)
   return {'config': run.config.to_dict(), 'model': type(run.model).__name__,
-          'model_fields': _model_fields(run.model), 'step': step, 'stage': stage,
+          'model_fields': _model_fields(run.model), 'step': step, 'stage': _stage(run, step),
           'epoch': epoch, 'position_in_epoch': position, 'total_steps': run.total_steps}
 
 
@@ -539,6 +543,14 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   step = int(jax.device_get(state.step))
   batches = _train_batches(run, step)
   bar = None
+
+  def save(step):
+    """Checkpoints `step` unless it is already saved; metrics are flushed first, so a state
+    that a non-finite step produced is never written."""
+    metrics.flush(step)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, _meta(run, step))
+
   while step < run.total_steps:
     epoch, position = divmod(step, run.steps_per_epoch)
     if bar is None:
@@ -566,21 +578,15 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
         log(f'eval after epoch {epoch + 1}: accuracy {result["accuracy"]:.4f} '
             f'loss {result["loss"]:.4f}')
     if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-      metrics.flush(step)  # never checkpoint a state that a non-finite step produced
-      ckpt.save(step, state, _meta(run, step))
+      save(step)
     if (received := stop.requested(step, config.log_every_steps)) and step < run.total_steps:
-      metrics.flush(step)
-      if ckpt.latest_step() != step:
-        ckpt.save(step, state, _meta(run, step))
+      save(step)
       ckpt.wait()
-      stage = _meta(run, step)['stage']
       log(('\n' if bar is not None and bar.tty else '') +
-          f'{received}: stopped after step {step} (stage {stage}) and wrote '
+          f'{received}: stopped after step {step} (stage {_stage(run, step)}) and wrote '
           f'{ckpt.directory}/{step}; run the same command again to resume.')
       raise Preempted(step)
-  metrics.flush(step)
-  if not ckpt.latest_step() == step:
-    ckpt.save(step, state, _meta(run, step))
+  save(step)
   return state
 
 
@@ -598,8 +604,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
                                                              model.condense_factor)
     small, small_vars = condense.export(model, jax.device_get(state.variables()),
                                         classifier_keep=config.classifier_keep)
-    small_vars = _replicate(small_vars, NamedSharding(run.mesh, P()))
-    condensed = evaluate(run, small, small_vars)
+    condensed = evaluate(run, small, _replicate(small_vars, NamedSharding(run.mesh, P())))
     f_small, p_small = flops.count(small, models.default_image_size(small))
     summary.update(condensed_accuracy=condensed['accuracy'],
                    condensed_test_loss=condensed['loss'], condensed_flops=f_small,
@@ -607,8 +612,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
     log(f'test accuracy of the condensed model: {condensed["accuracy"]:.4f} '
         f'({f_small / 1e6:.2f}M FLOPs, {p_small / 1e6:.3f}M params)')
     if lead:
-      checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small,
-                                jax.device_get(small_vars))
+      checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars)
   summary['final_state_sha256'] = state_sha256(state)
   return summary
 
