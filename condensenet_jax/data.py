@@ -25,6 +25,9 @@ CIFAR_STATS = {
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012')
+# dataset -> (image side, number of classes)
+SHAPES = {'digits': (32, 10), 'cifar10': (32, 10), 'cifar100': (32, 100),
+          'imagenet2012': (224, 1000)}
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -67,6 +70,20 @@ def digits(test_fraction: float = 0.2) -> InMemoryDataset:
   std = tuple(float(s) for s in scaled.std(axis=(0, 1, 2)))
   return InMemoryDataset('digits', images[train], labels[train], images[test], labels[test], 10,
                          mean, std)
+
+
+def synthetic(name: str, num_train: int, num_test: int = 0, seed: int = 0) -> InMemoryDataset:
+  """Random uint8 images and labels with the shapes and class count of dataset `name`, for
+  timing and tests without the data (`benchmarks.bench`)."""
+  if name not in SHAPES:
+    raise ValueError(f'dataset={name!r} is unknown; use one of {DATASETS}.')
+  size, classes = SHAPES[name]
+  rng = np.random.default_rng(seed)
+  images = lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  labels = lambda n: rng.integers(0, classes, (n,), dtype=np.int32)
+  mean, std = CIFAR_STATS.get(name, IMAGENET_STATS)
+  return InMemoryDataset(f'synthetic-{name}', images(num_train), labels(num_train),
+                         images(num_test), labels(num_test), classes, mean, std)
 
 
 _DOWNLOAD_HOSTS = {'cifar10': 'www.cs.toronto.edu', 'cifar100': 'www.cs.toronto.edu'}

@@ -247,14 +247,18 @@ def validate(config, devices: int) -> None:
     raise ValueError(f'config.num_epochs={config.num_epochs} must be positive.')
 
 
-def setup(config, workdir: str, devices=None) -> Run:
+def setup(config, workdir: str, devices=None,
+          dataset: Optional[data.InMemoryDataset] = None) -> Run:
   """Loads the data and builds the model, schedule and compiled programs of a run over
-  `devices` (default: all devices of all processes)."""
+  `devices` (default: all devices of all processes). A given in-memory `dataset` (for example
+  `data.synthetic`) replaces the one `config.dataset` names."""
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
   mesh = Mesh(np.asarray(devices), (AXIS,))
-  if config.dataset == 'imagenet2012':
-    dataset = None
+  if dataset is not None:
+    num_train, num_classes = len(dataset.train_labels), dataset.num_classes
+    mean, std = dataset.mean, dataset.std
+  elif config.dataset == 'imagenet2012':
     counts = data.imagenet_num_examples(config.data_dir)
     num_train, num_classes = counts['train'], 1000
     mean, std = data.IMAGENET_STATS

@@ -1,0 +1,165 @@
+"""Throughput of training and inference on synthetic data of a config's shapes.
+
+    python -m benchmarks.bench --config configs/cifar.py --mode train --batch-size 64 --steps 20
+    python -m benchmarks.bench --config configs/cifar.py --mode infer_condensed --batch-size 256
+    python -m benchmarks.bench --config configs/cifar.py --mode train --dtype bfloat16
+
+Modes:
+  train            the real compiled training step of `condensenet_jax.train` (group lasso
+                   on, masks applied, optimizer update, metrics), at the first stage;
+  infer_masked     the training-form model in eval mode (the evaluation program of a run);
+  infer_condensed  the exported model after all condensing events (same program).
+
+Images are random uint8 arrays of the config's dataset shape, so nothing is downloaded. Tracing
+and compilation (`jit(...).lower(...).compile()`) are timed apart as `compile_s`; then
+`--warmup` steps run untimed and `--steps` steps are timed one by one (each waits for its
+result). The last line of the output is one JSON object with the figures.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+MODES = ('train', 'infer_masked', 'infer_condensed')
+
+
+def load_config(path: str):
+  """`get_config()` of a config file, as `train.py --config` reads it."""
+  if not os.path.exists(path):
+    raise SystemExit(f'error: --config {path} does not exist')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:  # config files import `configs.*`
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True, help='a config file, e.g. configs/cifar.py')
+  parser.add_argument('--mode', required=True, choices=MODES)
+  parser.add_argument('--batch-size', type=int, default=64, help='global batch')
+  parser.add_argument('--steps', type=int, default=20, help='timed steps')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
+                      help="compute dtype (default: the config's)")
+  parser.add_argument('--conv-lowering', default=None,
+                      help="config.model.conv_lowering (default: the config's, 'auto')")
+  parser.add_argument('--group-lasso', type=float, default=1e-5,
+                      help='lambda used in train mode when the config has none (0: off)')
+  args = parser.parse_args(argv)
+  if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+    parser.error('--batch-size and --steps must be positive and --warmup not negative')
+  return args
+
+
+def _timed(fn, steps: int, warmup: int):
+  """Per-step seconds of the timed steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def run(args) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import condense, data, models, train  # pylint: disable=g-import-not-at-top
+
+  config = load_config(args.config)
+  config.batch_size = config.eval_batch_size = args.batch_size
+  if args.dtype:
+    config.dtype = args.dtype
+  if args.conv_lowering:
+    config.model.conv_lowering = args.conv_lowering
+  if args.mode == 'train' and not config.group_lasso:
+    config.group_lasso = args.group_lasso
+  # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
+  per_epoch = 4
+  config.num_epochs = max(config.num_epochs, 8 * (args.steps + args.warmup + 2) // per_epoch)
+  train.configure_determinism(config)
+  dataset = data.synthetic(config.dataset, num_train=per_epoch * args.batch_size,
+                           num_test=args.batch_size)
+  with tempfile.TemporaryDirectory() as workdir:
+    run_ = train.setup(config, workdir, dataset=dataset)
+  model = eval_model = run_.model
+  state = train.initial_state(run_)
+  if args.mode == 'train':
+    batches = [train._global_batch(run_, b)  # pylint: disable=protected-access
+               for _, b in zip(range(2), train._train_batches(run_, 0))]  # pylint: disable=protected-access
+    start = time.perf_counter()
+    program = run_.train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    holder = {'state': state, 'i': 0}
+
+    def step():
+      holder['state'], metrics = program(holder['state'], batches[holder['i'] % 2])
+      holder['i'] += 1
+      return metrics
+    fn = step
+  else:
+    variables = state.variables()
+    if args.mode == 'infer_condensed':
+      if not isinstance(model, models.CondenseNet):
+        raise SystemExit(f'error: --mode infer_condensed needs a CondenseNet config, not '
+                         f'{type(model).__name__}')
+      host = jax.device_get(variables)
+      masks = host['masks']
+      for _ in range(model.condense_factor - 1):
+        masks = condense.condense_event(host['params'], masks, model)
+      eval_model, small = condense.export(model, {**host, 'masks': masks},
+                                          classifier_keep=config.classifier_keep)
+      variables = train._replicate(small, NamedSharding(run_.mesh, P()))  # pylint: disable=protected-access
+    images, labels, valid = next(data.eval_batches(dataset.test_images, dataset.test_labels,
+                                                   args.batch_size))
+    batch = train._global_batch(run_, {'image': images, 'label': labels, 'valid': valid})  # pylint: disable=protected-access
+    start = time.perf_counter()
+    program = run_.eval_step(eval_model).lower(variables, batch).compile()
+    compile_s = time.perf_counter() - start
+    fn = lambda: program(variables, batch)
+  times = _timed(fn, args.steps, args.warmup)
+  median = float(np.median(times))
+  device = jax.devices()[0]
+  return {
+      'mode': args.mode, 'batch_size': args.batch_size,
+      'img_per_s': args.batch_size / median, 'step_ms_median': 1000 * median,
+      'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
+      'compile_s': compile_s, 'steps': args.steps,
+      'train_step_compilations': len(run_.traces) if args.mode == 'train' else None,
+      'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
+      'model': type(eval_model).__name__, 'stages': list(model.stages),
+      'growth': list(model.growth), 'device': device.device_kind,
+      'backend': jax.default_backend(), 'num_devices': jax.device_count(),
+      'host': platform.processor() or platform.machine(), 'jax': jax.__version__,
+  }
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = run(args)
+  print(f"{result['mode']}: {result['model']} {result['stages']}x{result['growth']}, "
+        f"batch {result['batch_size']}, {result['dtype']}, {result['num_devices']} x "
+        f"{result['device']} ({result['backend']})")
+  print(f"  trace + compile: {result['compile_s']:.1f} s")
+  print(f"  step: median {result['step_ms_median']:.1f} ms (min {result['step_ms_min']:.1f}, "
+        f"max {result['step_ms_max']:.1f}) over {result['steps']} steps -> "
+        f"{result['img_per_s']:.1f} img/s")
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == '__main__':
+  main()
