@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 # He-normal with fan = kh * kw * out_channels, as the official initialization.
@@ -25,17 +26,28 @@ linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
 
 
-def resolve_lowering(lowering: str) -> str:
+# On CPU, spatial convolutions on maps of at most this many pixels run fastest split into
+# per-group convolutions; larger maps as one block-diagonal convolution (benchmarks/lowering.py).
+CPU_PER_GROUP_MAX_PIXELS = 256
+
+
+def resolve_lowering(lowering: str, pixels: Optional[int] = None,
+                     pointwise: bool = False) -> str:
   """Returns the grouped-convolution lowering to use on the current backend.
 
   'grouped' is XLA's `feature_group_count` convolution (what cuDNN and TPUs run well);
   'block_diagonal' runs one dense convolution with a kernel whose off-diagonal blocks are zero
   (XLA's CPU backend runs grouped convolutions several times slower than this);
   'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
-  'auto' picks 'block_diagonal' on CPU and 'grouped' elsewhere.
+  'auto' picks 'grouped' on GPU and TPU; on CPU 'per_group' for spatial convolutions over
+  maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given) and
+  'block_diagonal' otherwise.
   """
   if lowering == 'auto':
-    return 'block_diagonal' if jax.default_backend() == 'cpu' else 'grouped'
+    if jax.default_backend() != 'cpu':
+      return 'grouped'
+    small = pixels is not None and pixels <= CPU_PER_GROUP_MAX_PIXELS
+    return 'per_group' if small and not pointwise else 'block_diagonal'
   if lowering not in LOWERINGS:
     raise ValueError(f'conv_lowering={lowering!r} is not one of '
                      f"{('auto',) + LOWERINGS}.")
@@ -72,10 +84,10 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
   Returns:
     `[batch, h', w', out]`, the same function for every lowering.
   """
-  lowering = resolve_lowering(lowering)
   kh, kw, in_per_group, out = kernel.shape
   pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
       p == (0, 0) for p in padding)
+  lowering = resolve_lowering(lowering, x.shape[1] * x.shape[2], pointwise)
   if groups == 1:
     if pointwise:
       return jnp.dot(x, kernel[0, 0])
@@ -101,6 +113,11 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   c = x.shape[-1]
   y = x.reshape(x.shape[:-1] + (groups, c // groups))
   return jnp.swapaxes(y, -1, -2).reshape(x.shape)
+
+
+def shuffle_order(channels: int, groups: int) -> np.ndarray:
+  """`channel_shuffle(y, groups) == y[..., shuffle_order(channels, groups)]`."""
+  return np.arange(channels).reshape(groups, channels // groups).T.reshape(-1)
 
 
 def expand_mask(mask: jax.Array, out_channels: int) -> jax.Array:
@@ -185,12 +202,36 @@ class CondensedConv(nn.Module):
   def __call__(self, x, train: bool = False):
     kept = x.shape[-1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
-    x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
-    x = nn.relu(batch_norm(self, train)(x))
+    norm = batch_norm(self, train)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
-                        jnp.float32)
-    y = grouped_conv(x, kernel.astype(self.dtype), self.groups, lowering=self.conv_lowering)
+                        jnp.float32).astype(self.dtype)
+    lowering = resolve_lowering(self.conv_lowering, x.shape[1] * x.shape[2])
+    if lowering == 'per_group' and not train:
+      return self._per_group(x, index.value, norm, kernel)
+    x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
+    x = nn.relu(norm(x))
+    if lowering == 'block_diagonal':
+      # One dense matmul whose columns come out already shuffled (no pass over the output).
+      return jnp.dot(x, block_diagonal(kernel, self.groups)[0, 0][:, shuffle_order(
+          self.features, self.groups)])
+    y = grouped_conv(x, kernel, self.groups, lowering=lowering)
     return channel_shuffle(y, self.groups)
+
+  def _per_group(self, x, index, norm, kernel):
+    """Eval mode, group by group: gather -> BN (running statistics) -> ReLU -> matmul; the
+    outputs are interleaved at the end, which is the channel shuffle."""
+    kept = index.shape[0]
+    norm(jnp.zeros((1, kept), x.dtype))  # binds (or creates) the BN variables; result unused
+    stats, params = norm.variables['batch_stats'], norm.variables['params']
+    mul = jax.lax.rsqrt(stats['var'] + norm.epsilon) * params['scale']
+    per_in, per_out = kept // self.groups, self.features // self.groups
+    outputs = []
+    for g in range(self.groups):
+      s = slice(g * per_in, (g + 1) * per_in)
+      h = (jnp.take(x, index[s], axis=-1) - stats['mean'][s]) * mul[s] + params['bias'][s]
+      outputs.append(jnp.dot(nn.relu(h).astype(self.dtype),
+                             kernel[0, 0, :, g * per_out:(g + 1) * per_out]))
+    return jnp.stack(outputs, axis=-1).reshape(x.shape[:-1] + (self.features,))
 
 
 class CondensedLinear(nn.Module):

@@ -22,6 +22,8 @@ def get_config():
 
   config.batch_size = 64          # global, split across devices
   config.eval_batch_size = 512
+  config.eval_chunk = -1          # examples per inference pass per device; -1: 32 on CPU, all
+                                  # elsewhere; 0: all
   config.num_epochs = 300
   config.learning_rate = 0.1
   config.lr_base_batch_size = 0   # 0: no linear scaling; else lr *= batch_size / this

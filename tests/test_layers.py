@@ -55,6 +55,18 @@ def test_channel_shuffle_is_group_major_to_interleaved():
     for k in range(4):
       expected[k * 3 + g] = g * 4 + k
   np.testing.assert_array_equal(y, expected)
+  np.testing.assert_array_equal(np.asarray(x)[..., layers.shuffle_order(12, 3)][0, 0, 0],
+                                expected)
+
+
+def test_auto_lowering_on_cpu_depends_on_the_map_size():
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the rule under test is the CPU one')
+  big, small = 32 * 32, layers.CPU_PER_GROUP_MAX_PIXELS
+  assert layers.resolve_lowering('auto', big) == 'block_diagonal'
+  assert layers.resolve_lowering('auto', small) == 'per_group'
+  assert layers.resolve_lowering('auto', small, pointwise=True) == 'block_diagonal'
+  assert layers.resolve_lowering('grouped', small) == 'grouped'
 
 
 def test_expand_mask_assigns_output_channel_o_to_group_o_mod_g():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condensenet_jax import models
+from condensenet_jax import condense, models
 
 
 def _shapes(model, image_size):
@@ -102,6 +102,21 @@ def test_lowerings_give_the_same_model():
     expected = jax.jit(base.apply)(variables, x)
     for lowering in ('block_diagonal', 'per_group'):
       actual = jax.jit(models.CondenseNetTiny(conv_lowering=lowering).apply)(variables, x)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lowerings_give_the_same_condensed_model():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  model = models.CondenseNetTiny()
+  variables = models.init_variables(model, seed=1)
+  masks = variables['masks']
+  for _ in range(model.condense_factor - 1):
+    masks = condense.condense_event(variables['params'], masks, model)
+  small, small_vars = condense.export(model, {**variables, 'masks': masks})
+  with jax.default_matmul_precision('highest'):
+    expected = jax.jit(small.clone(conv_lowering='grouped').apply)(small_vars, x)
+    for lowering in ('auto', 'block_diagonal', 'per_group'):
+      actual = jax.jit(small.clone(conv_lowering=lowering).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
