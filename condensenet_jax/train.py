@@ -517,6 +517,23 @@ def configure_determinism(config) -> None:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + DETERMINISTIC_FLAG).strip()
 
 
+def enable_compilation_cache(config, workdir: str) -> Optional[str]:
+  """Keeps compiled programs in `config.compilation_cache_dir` (default
+  `<workdir>/compilation_cache`; '' turns it off) so that a resumed or repeated run starts
+  without compiling again. An existing JAX_COMPILATION_CACHE_DIR is left as it is. Returns the
+  directory in use, if any."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  directory = config.get('compilation_cache_dir', None)
+  if directory is None:
+    directory = os.path.join(workdir, 'compilation_cache')
+  if not directory:
+    return None
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  return directory
+
+
 class _Metrics:
   """Collects the step metrics on device and fetches them in groups (one host sync per
   group); stops the run on a non-finite step."""
@@ -653,6 +670,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   start_time = time.time()
   configure_determinism(config)
+  enable_compilation_cache(config, workdir)
   maybe_initialize_distributed()
   lead = jax.process_index() == 0
   log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)

@@ -44,6 +44,9 @@ def get_config():
   config.eval_every_epochs = 10   # 0: only at the end
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
+  # Compiled programs are kept here so that a resumed run starts at once; None:
+  # <workdir>/compilation_cache, '': off. JAX_COMPILATION_CACHE_DIR, when set, wins.
+  config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'CondenseNet'

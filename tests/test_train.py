@@ -249,3 +249,19 @@ def test_bfloat16_training_stays_close_to_float32():
     assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b - s) + 1e-6, jax.tree_util.keystr(path)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(low.masks),
                                                   jax.tree.leaves(full.masks)))
+
+
+def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
+  updates = {}
+  monkeypatch.setattr(jax.config, 'update', lambda k, v: updates.__setitem__(k, v))
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
+  config = digits_config.get_config()
+  assert train.enable_compilation_cache(config, str(tmp_path)) == '/elsewhere'
+  assert not updates  # the environment wins and nothing is changed
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert train.enable_compilation_cache(config, str(tmp_path)) == str(
+      tmp_path / 'compilation_cache')
+  assert updates['jax_compilation_cache_dir'] == str(tmp_path / 'compilation_cache')
+  updates.clear()
+  config.compilation_cache_dir = ''
+  assert train.enable_compilation_cache(config, str(tmp_path)) is None and not updates
