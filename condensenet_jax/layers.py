@@ -205,6 +205,8 @@ class CondensedConv(nn.Module):
     norm = batch_norm(self, train)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
+    # On CPU the map-size rule of spatial convolutions also picks this layer's lowering: per
+    # group on small maps (measured faster there in eval mode), block-diagonal on large ones.
     lowering = resolve_lowering(self.conv_lowering, x.shape[1] * x.shape[2])
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
