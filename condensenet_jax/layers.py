@@ -40,8 +40,8 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None,
   (XLA's CPU backend runs grouped convolutions several times slower than this);
   'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
   'auto' picks 'grouped' on GPU and TPU; on CPU 'per_group' for spatial convolutions over
-  maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given) and
-  'block_diagonal' otherwise.
+  maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given: the layers pass it
+  in eval mode only) and 'block_diagonal' otherwise.
   """
   if lowering == 'auto':
     if jax.default_backend() != 'cpu':
@@ -52,6 +52,12 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None,
     raise ValueError(f'conv_lowering={lowering!r} is not one of '
                      f"{('auto',) + LOWERINGS}.")
   return lowering
+
+
+def _pixels(x, train: bool) -> Optional[int]:
+  """The map size the 'auto' rule sees: none in training, where per-group convolutions
+  made the CPU training step compile in 73 s instead of 40 s for a ~10% faster step."""
+  return None if train else x.shape[1] * x.shape[2]
 
 
 def block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
@@ -155,7 +161,7 @@ class Conv(nn.Module):
     p = self.padding
     return grouped_conv(x, kernel.astype(self.dtype), self.groups,
                         strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-                        lowering=self.conv_lowering)
+                        lowering=resolve_lowering(self.conv_lowering, _pixels(x, train), k == 1))
 
 
 class LearnedGroupConv(nn.Module):
@@ -207,7 +213,7 @@ class CondensedConv(nn.Module):
                         jnp.float32).astype(self.dtype)
     # On CPU the map-size rule of spatial convolutions also picks this layer's lowering: per
     # group on small maps (measured faster there in eval mode), block-diagonal on large ones.
-    lowering = resolve_lowering(self.conv_lowering, x.shape[1] * x.shape[2])
+    lowering = resolve_lowering(self.conv_lowering, _pixels(x, train))
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
     x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
