@@ -103,7 +103,7 @@ def _drop(kernel, mask, condense_factor):
   score = jnp.where(mask > 0, score, jnp.inf)  # pruned inputs are never picked again
   # Rank of every input within its group in ascending score order, ties to the lower index
   # (what a stable argsort gives), by pairwise comparison: it compiles far faster than a sort
-  # inside the training step. The [in, in, G] comparison is small (at most 1936^2 * 4 entries,
+  # inside the training step. The [in, in, G] comparison is small (at most 1936^2 * G entries,
   # in CondenseNet-74's last block) and runs only at the condensing events.
   index = jnp.arange(in_channels)
   before = (score[None, :, :] < score[:, None, :]) | (
