@@ -64,6 +64,16 @@ def _group_sums(values, groups):
   return values.reshape(in_channels, out // groups, groups).sum(axis=1)
 
 
+def _by_width(params, masks):
+  """The LGCs grouped by (output width, groups), in model order: the layers of one dense
+  block. Yields `[(path, kernel [in, out], mask [in, G]), ...]` per group."""
+  blocks = {}
+  for layer in _layers(params, masks):
+    _, kernel, mask = layer
+    blocks.setdefault((kernel.shape[1], mask.shape[1]), []).append(layer)
+  yield from blocks.values()
+
+
 def group_lasso(params, masks, model=None):
   """Unscaled group-lasso sum over all LGCs: sum over layers, groups g and inputs j of
   sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)).
@@ -73,7 +83,11 @@ def group_lasso(params, masks, model=None):
   """
   del model
   total = jnp.zeros((), jnp.float32)
-  for _, kernel, mask in _layers(params, masks):
+  # The layers of a dense block share their output width: their rows are stacked into one
+  # [sum of in, out] kernel, which compiles to a few kernels per block instead of per layer.
+  for block in _by_width(params, masks):
+    kernel = jnp.concatenate([k for _, k, _ in block])
+    mask = jnp.concatenate([m for _, _, m in block])
     weight = kernel * layers.expand_mask(mask, kernel.shape[1])
     squares = _group_sums(jnp.square(weight), mask.shape[1])  # [in, G]
     total = total + jnp.sqrt(jnp.maximum(squares, LASSO_EPS)).sum()
@@ -96,8 +110,11 @@ def events_done(mask, condense_factor: int):
   return int(dropped[0]) // delta
 
 
-def _drop(kernel, mask, condense_factor):
-  in_channels, groups = mask.shape
+def _drop(kernel, mask, condense_factor, in_channels=None):
+  """The mask after one event. `kernel` and `mask` may carry padding rows past `in_channels`
+  (mask 0 there): they score +inf like pruned inputs and are never picked."""
+  rows, groups = mask.shape
+  in_channels = rows if in_channels is None else in_channels
   delta = in_channels // condense_factor
   score = _group_sums(jnp.abs(kernel * layers.expand_mask(mask, kernel.shape[1])), groups)
   score = jnp.where(mask > 0, score, jnp.inf)  # pruned inputs are never picked again
@@ -105,7 +122,7 @@ def _drop(kernel, mask, condense_factor):
   # (what a stable argsort gives), by pairwise comparison: it compiles far faster than a sort
   # inside the training step. The [in, in, G] comparison is small (at most 1936^2 * G entries,
   # in CondenseNet-74's last block) and runs only at the condensing events.
-  index = jnp.arange(in_channels)
+  index = jnp.arange(rows)
   before = (score[None, :, :] < score[:, None, :]) | (
       (score[None, :, :] == score[:, None, :]) & (index[None, :, None] < index[:, None, None]))
   rank = before.sum(axis=1)  # [in, G]: inputs that come before input i in group g
@@ -118,8 +135,18 @@ def _drop(kernel, mask, condense_factor):
 @functools.partial(jax.jit, static_argnums=2)
 def _condense_event(params, masks, condense_factor):
   new = {}
-  for path, kernel, mask in _layers(params, masks):
-    new[path + ('mask',)] = _drop(kernel, mask, condense_factor)
+  # The layers of a dense block go through one loop body (their kernels and masks padded
+  # to the block's widest layer): a few compiled kernels per block instead of per layer.
+  for block in _by_width(params, masks):
+    widest = max(m.shape[0] for _, _, m in block)
+    pad = lambda a: jnp.pad(a, ((0, widest - a.shape[0]), (0, 0)))
+    kernels = jnp.stack([pad(k) for _, k, _ in block])
+    masks_in = jnp.stack([pad(m) for _, _, m in block])
+    widths = jnp.array([m.shape[0] for _, _, m in block], jnp.int32)
+    dropped = jax.lax.map(lambda a: _drop(*a[:2], condense_factor, a[2]),
+                          (kernels, masks_in, widths))
+    for i, (path, _, mask) in enumerate(block):
+      new[path + ('mask',)] = dropped[i, :mask.shape[0]]
   return traverse_util.unflatten_dict(new)
 
 

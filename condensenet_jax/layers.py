@@ -11,6 +11,7 @@ channels group `g` still reads. Masks are read here and never written; only
 `condense.condense_event` makes new ones.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -133,12 +134,101 @@ def expand_mask(mask: jax.Array, out_channels: int) -> jax.Array:
   return jnp.tile(mask, (1, out_channels // groups))
 
 
-def batch_norm(module: nn.Module, train: bool, name: str = 'norm') -> nn.BatchNorm:
-  """BatchNorm as PyTorch's (eps 1e-5, momentum 0.1 = Flax momentum 0.9), with `module`'s
-  dtype and BN axis (set for synchronized batch statistics)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=module.dtype, axis_name=module.bn_axis_name,
-                      use_fast_variance=False, name=name)
+def _channel_axes(x) -> tuple[int, ...]:
+  return tuple(range(x.ndim - 1))
+
+
+def _batch_stats(x32, axis_name):
+  """Per-channel mean and biased variance (two passes), averaged over `axis_name` if set."""
+  axes = _channel_axes(x32)
+  mean = x32.mean(axes)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  var = jnp.square(x32 - mean).mean(axes)
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bn_relu_train(x, scale, bias, epsilon, axis_name, dtype):
+  return _bn_relu_train_fwd(x, scale, bias, epsilon, axis_name, dtype)[0]
+
+
+def _bn_relu_train_fwd(x, scale, bias, epsilon, axis_name, dtype):
+  x32 = x.astype(jnp.float32)
+  mean, var = _batch_stats(x32, axis_name)
+  inv = jax.lax.rsqrt(var + epsilon)
+  out = jax.nn.relu((x32 - mean) * (inv * scale) + bias).astype(dtype)
+  return (out, mean, var), (x, out, scale, mean, inv)
+
+
+def _bn_relu_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
+  """The whole BN + ReLU backward: one pass for the two channel sums, one for the input's
+  gradient. Only the output's cotangent is used: the batch mean and variance are returned for
+  the running averages, not for a loss."""
+  del epsilon, dtype
+  x, out, scale, mean, inv = residuals
+  g = jnp.where(out > 0, cotangents[0].astype(jnp.float32), 0.0)
+  x_hat = (x.astype(jnp.float32) - mean) * inv
+  axes = _channel_axes(x)
+  d_bias, d_scale = g.sum(axes), (g * x_hat).sum(axes)
+  count = np.prod([x.shape[a] for a in axes])
+  mean_g, mean_gx = d_bias / count, d_scale / count
+  if axis_name is not None:  # the statistics were global: so are these means
+    mean_g, mean_gx = jax.lax.pmean((mean_g, mean_gx), axis_name)
+  d_x = (scale * inv) * (g - mean_g - x_hat * mean_gx)
+  return d_x.astype(x.dtype), d_scale, d_bias
+
+
+_bn_relu_train.defvjp(_bn_relu_train_fwd, _bn_relu_train_bwd)
+
+
+class BatchNormReLU(nn.Module):
+  """ReLU(BatchNorm(x)) over the last axis, as PyTorch's BN (eps 1e-5, momentum 0.1) + ReLU.
+
+  The variables are Flax `nn.BatchNorm`'s (`params`: `scale`, `bias`; `batch_stats`: `mean`,
+  `var`, the running variance biased as Flax keeps it). Statistics and normalization run in
+  float32, the output in `dtype`. In training the pair has one hand-written backward pass
+  (custom VJP): it compiles to fewer kernels than autodiff of the two, and it keeps only the
+  input and the output (which the convolution after it keeps anyway). With `axis_name` the batch statistics are averaged over
+  that mapped axis (synchronized BN).
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    if self.use_running_average:
+      return self.normalize(x, self.multiplier(var.value, scale), mean.value, bias)
+    out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, self.epsilon, self.axis_name,
+                                                jnp.dtype(self.dtype))
+    if not self.is_initializing():
+      mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
+      var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+    return out
+
+  def multiplier(self, var, scale):
+    return jax.lax.rsqrt(var + self.epsilon) * scale
+
+  def normalize(self, x, multiplier, mean, bias):
+    """Eval-mode normalization (running statistics) + ReLU of `x`, whose channels are the
+    ones the statistics describe (or a slice of them, with the matching slices)."""
+    return jax.nn.relu((x.astype(jnp.float32) - mean) * multiplier + bias).astype(self.dtype)
+
+
+def batch_norm_relu(module: nn.Module, train: bool, name: str = 'norm') -> BatchNormReLU:
+  """The BN + ReLU in front of `module`'s convolution, with its dtype and BN axis."""
+  return BatchNormReLU(use_running_average=not train, dtype=module.dtype,
+                       axis_name=module.bn_axis_name, name=name)
 
 
 class Conv(nn.Module):
@@ -155,7 +245,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_channels = x.shape[-1]
-    x = nn.relu(batch_norm(self, train)(x))
+    x = batch_norm_relu(self, train)(x)
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
@@ -182,7 +272,7 @@ class LearnedGroupConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_channels = x.shape[-1]
-    x = nn.relu(batch_norm(self, train)(x))
+    x = batch_norm_relu(self, train)(x)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
@@ -209,7 +299,7 @@ class CondensedConv(nn.Module):
   def __call__(self, x, train: bool = False):
     kept = x.shape[-1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
-    norm = batch_norm(self, train)
+    norm = batch_norm_relu(self, train)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
     # On CPU the map-size rule of spatial convolutions also picks this layer's lowering: per
@@ -217,8 +307,7 @@ class CondensedConv(nn.Module):
     lowering = resolve_lowering(self.conv_lowering, _pixels(x, train))
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
-    x = jnp.take(x, index.value, axis=-1)  # [n, h, w, kept]
-    x = nn.relu(norm(x))
+    x = norm(jnp.take(x, index.value, axis=-1))  # [n, h, w, kept]
     if lowering == 'block_diagonal':
       # One dense matmul whose columns come out already shuffled (no pass over the output).
       return jnp.dot(x, block_diagonal(kernel, self.groups)[0, 0][:, shuffle_order(
@@ -232,13 +321,14 @@ class CondensedConv(nn.Module):
     kept = index.shape[0]
     norm(jnp.zeros((1, kept), x.dtype))  # binds (or creates) the BN variables; result unused
     stats, params = norm.variables['batch_stats'], norm.variables['params']
-    mul = jax.lax.rsqrt(stats['var'] + norm.epsilon) * params['scale']
+    mul = norm.multiplier(stats['var'], params['scale'])
     per_in, per_out = kept // self.groups, self.features // self.groups
     outputs = []
     for g in range(self.groups):
       s = slice(g * per_in, (g + 1) * per_in)
-      h = (jnp.take(x, index[s], axis=-1) - stats['mean'][s]) * mul[s] + params['bias'][s]
-      outputs.append(jnp.dot(nn.relu(h).astype(self.dtype),
+      h = norm.normalize(jnp.take(x, index[s], axis=-1), mul[s], stats['mean'][s],
+                         params['bias'][s])
+      outputs.append(jnp.dot(h,
                              kernel[0, 0, :, g * per_out:(g + 1) * per_out]))
     return jnp.stack(outputs, axis=-1).reshape(x.shape[:-1] + (self.features,))
 

@@ -113,7 +113,7 @@ def _stem(module, x):
 def _head_features(module, x, train):
   """norm_last -> ReLU -> average pooling over the whole final map -> [n, channels]."""
   _, pool = stem_geometry(module.stem)
-  x = nn.relu(layers.batch_norm(module, train, name='norm_last')(x))
+  x = layers.batch_norm_relu(module, train, name='norm_last')(x)
   if x.shape[1:3] != (pool, pool):
     raise ValueError(
         f'the feature map before the final {pool}x{pool} pooling is {x.shape[1]}x{x.shape[2]}; '

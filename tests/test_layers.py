@@ -1,9 +1,10 @@
-"""Tests for condensenet_jax.layers: lowerings, channel shuffle, masks, LGC."""
+"""Tests for condensenet_jax.layers: lowerings, channel shuffle, masks, LGC, BN + ReLU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from condensenet_jax import layers
 
@@ -115,3 +116,72 @@ def test_linear_init_is_pytorch_uniform():
   bound = 1 / np.sqrt(400)
   assert np.abs(kernel).max() <= bound
   assert np.abs(kernel).max() > 0.98 * bound
+
+
+def _bn_inputs(dtype, shape=(8, 5, 5, 12)):
+  kx, ks, kb, kw, km, kv = jax.random.split(jax.random.PRNGKey(3), 6)
+  c = shape[-1]
+  x = (jax.random.normal(kx, shape) * 2.0 + 0.5).astype(dtype)
+  variables = {
+      'params': {'scale': 1.0 + 0.3 * jax.random.normal(ks, (c,)),
+                 'bias': 0.5 * jax.random.normal(kb, (c,))},
+      'batch_stats': {'mean': 0.1 * jax.random.normal(km, (c,)),
+                      'var': 1.0 + jax.random.uniform(kv, (c,))}}
+  weight = jax.random.normal(kw, shape)  # the loss is sum(output * weight)
+  return x, variables, weight
+
+
+def _loss_and_grads(module, variables, x, weight):
+  def loss(params, x):
+    y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(y.astype(jnp.float32) * weight), (y, updates['batch_stats'])
+  (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      variables['params'], x)
+  return y, stats, grads
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_batch_norm_relu_equals_flax_batch_norm_then_relu(dtype, tol):
+  """Training mode (output, running averages, gradients of x, scale and bias) and eval mode
+  against autodiff of Flax's BatchNorm followed by ReLU."""
+  x, variables, weight = _bn_inputs(dtype)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                         use_fast_variance=False)
+  reference = nn.Sequential([flax_bn, nn.relu])
+  ours = layers.BatchNormReLU(use_running_average=False, dtype=dtype)
+  wrap = lambda v: {k: {'layers_0': t} for k, t in v.items()}
+  y_ref, stats_ref, (dp_ref, dx_ref) = _loss_and_grads(reference, wrap(variables), x, weight)
+  y, stats, (dp, dx) = _loss_and_grads(ours, variables, x, weight)
+  assert y.dtype == dtype and dx.dtype == dtype
+  assert float(jnp.mean(y > 0)) > 0.3  # the ReLU both passes and blocks
+  close = lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+  close(y, y_ref)
+  for name in ('mean', 'var'):
+    close(stats[name], stats_ref['layers_0'][name])
+  for name in ('scale', 'bias'):
+    close(dp[name], dp_ref['layers_0'][name])
+  close(dx, dx_ref)
+  eval_ref = nn.Sequential([flax_bn.clone(use_running_average=True), nn.relu])
+  close(layers.BatchNormReLU(use_running_average=True, dtype=dtype).apply(variables, x),
+        eval_ref.apply(wrap(variables), x))
+
+
+def test_batch_norm_relu_synchronized_statistics_equal_one_big_batch():
+  """With `axis_name`, 4 shards of a batch normalize and differentiate as the whole batch:
+  each shard differentiates its part of the loss (as every device does in the train step),
+  the parameter gradients add up to the whole batch's."""
+  x, variables, weight = _bn_inputs(jnp.float32, (16, 3, 3, 8))
+  whole = _loss_and_grads(layers.BatchNormReLU(use_running_average=False), variables, x, weight)
+  synced = layers.BatchNormReLU(use_running_average=False, axis_name='shards')
+  shard = lambda a: a.reshape((4, 4) + a.shape[1:])
+  y, stats, (dp, dx) = jax.vmap(
+      lambda x, w: _loss_and_grads(synced, variables, x, w), axis_name='shards')(
+          shard(x), shard(weight))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  close(y.reshape(x.shape), whole[0])
+  for name in ('mean', 'var'):  # every shard holds the same, global, running averages
+    close(stats[name], np.broadcast_to(whole[1][name], (4,) + whole[1][name].shape))
+  for name in ('scale', 'bias'):
+    close(dp[name].sum(axis=0), whole[2][0][name])
+  close(dx.reshape(x.shape), whole[2][1])

@@ -215,7 +215,11 @@ def test_four_devices_with_synced_batch_stats_match_one_device():
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   line = [l for l in result.stdout.splitlines() if l.startswith('MAXDIFF')][0].split()
-  assert float(line[1]) < 1e-4, line
+  # One BN channel of this tiny model has a batch variance near 0, where 1/sqrt(var + eps)
+  # = 316 magnifies the float32 rounding of the batch mean (which 1 and 4 devices compute in
+  # different orders): params agree to ~1e-6 for 10 steps, then to ~2e-4. A device count
+  # that changed the math (statistics or their gradients not synchronized) is off by >1e-2.
+  assert float(line[1]) < 1e-3, line
   assert line[3] == 'True' and line[5:] == ['16', '16']
 
 
