@@ -65,8 +65,9 @@ def _group_sums(values, groups):
 
 
 def _by_width(params, masks):
-  """The LGCs grouped by (output width, groups), in model order: the layers of one dense
-  block. Yields `[(path, kernel [in, out], mask [in, G]), ...]` per group."""
+  """The LGCs grouped by (output width, groups), in model order: the layers of a dense block
+  (or of several blocks with the same growth). Yields `[(path, kernel [in, out],
+  mask [in, G]), ...]` per group."""
   blocks = {}
   for layer in _layers(params, masks):
     _, kernel, mask = layer
@@ -83,7 +84,7 @@ def group_lasso(params, masks, model=None):
   """
   del model
   total = jnp.zeros((), jnp.float32)
-  # The layers of a dense block share their output width: their rows are stacked into one
+  # Layers of the same output width (a dense block's) have their rows stacked into one
   # [sum of in, out] kernel, which compiles to a few kernels per block instead of per layer.
   for block in _by_width(params, masks):
     kernel = jnp.concatenate([k for _, k, _ in block])

@@ -191,8 +191,8 @@ class BatchNormReLU(nn.Module):
   `var`, the running variance biased as Flax keeps it). Statistics and normalization run in
   float32, the output in `dtype`. In training the pair has one hand-written backward pass
   (custom VJP): it compiles to fewer kernels than autodiff of the two, and it keeps only the
-  input and the output (which the convolution after it keeps anyway). With `axis_name` the batch statistics are averaged over
-  that mapped axis (synchronized BN).
+  input and the output (which the convolution after it keeps anyway). With `axis_name` the
+  batch statistics are averaged over that mapped axis (synchronized BN).
   """
   use_running_average: bool
   momentum: float = 0.9
@@ -328,8 +328,7 @@ class CondensedConv(nn.Module):
       s = slice(g * per_in, (g + 1) * per_in)
       h = norm.normalize(jnp.take(x, index[s], axis=-1), mul[s], stats['mean'][s],
                          params['bias'][s])
-      outputs.append(jnp.dot(h,
-                             kernel[0, 0, :, g * per_out:(g + 1) * per_out]))
+      outputs.append(jnp.dot(h, kernel[0, 0, :, g * per_out:(g + 1) * per_out]))
     return jnp.stack(outputs, axis=-1).reshape(x.shape[:-1] + (self.features,))
 
 
