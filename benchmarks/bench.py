@@ -54,6 +54,10 @@ def parse_args(argv=None):
                       help="config.model.conv_lowering (default: the config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
+  parser.add_argument('--deterministic', choices=('true', 'false'), default=None,
+                      help="config.deterministic (default: the config's); it sets XLA's "
+                           'deterministic GPU kernels, so it only takes effect in a process '
+                           'that has not started JAX yet')
   args = parser.parse_args(argv)
   if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
     parser.error('--batch-size and --steps must be positive and --warmup not negative')
@@ -73,6 +77,18 @@ def _timed(fn, steps: int, warmup: int):
   return times
 
 
+def _cost(program) -> dict:
+  """XLA's own estimate of one call's floating-point operations and bytes accessed (summed
+  over the program's operations), or {} where the backend gives none."""
+  try:
+    cost = program.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items() if k in ('flops', 'bytes accessed')}
+
+
 def run(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -87,6 +103,8 @@ def run(args) -> dict:
     config.model.conv_lowering = args.conv_lowering
   if args.mode == 'train' and not config.group_lasso:
     config.group_lasso = args.group_lasso
+  if args.deterministic is not None:
+    config.deterministic = args.deterministic == 'true'
   # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
   per_epoch = 4
   config.num_epochs = max(config.num_epochs, 8 * (args.steps + args.warmup + 2) // per_epoch)
@@ -130,6 +148,7 @@ def run(args) -> dict:
     program = run_.eval_step(eval_model).lower(variables, batch).compile()
     compile_s = time.perf_counter() - start
     fn = lambda: program(variables, batch)
+  cost = _cost(program)
   times = _timed(fn, args.steps, args.warmup)
   median = float(np.median(times))
   device = jax.devices()[0]
@@ -139,7 +158,10 @@ def run(args) -> dict:
       'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
       'compile_s': compile_s, 'steps': args.steps,
       'train_step_compilations': len(run_.traces) if args.mode == 'train' else None,
+      'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
+      'deterministic': bool(config.get('deterministic', True)),
+      'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),
       'growth': list(model.growth), 'device': device.device_kind,
       'backend': jax.default_backend(), 'num_devices': jax.device_count(),

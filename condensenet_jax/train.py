@@ -504,6 +504,17 @@ class _StopSignals:
 DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
 
 
+def _backends_started() -> bool:
+  """Whether JAX has created its backends (after which XLA_FLAGS changes are not read);
+  False where this JAX lacks the private helper that tells (setting the flag is then harmless
+  if they have started, and needed if they have not)."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
+
+
 def configure_determinism(config) -> None:
   """With `config.deterministic` (default), makes XLA's GPU kernels deterministic (scatter
   and reductions in a fixed order). XLA reads the flag when JAX starts its backends, so this
@@ -511,8 +522,7 @@ def configure_determinism(config) -> None:
   if not config.get('deterministic', True) or DETERMINISTIC_FLAG in os.environ.get(
       'XLA_FLAGS', ''):
     return
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  if _backends_started():
     if jax.default_backend() == 'gpu':
       warnings.warn('config.deterministic=True, but JAX had already started without '
                     f'XLA_FLAGS={DETERMINISTIC_FLAG}: GPU results may vary between runs. '

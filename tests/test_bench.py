@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import bench  # pylint: disable=g-import-not-at-top
+from benchmarks import bench, suite  # pylint: disable=g-import-not-at-top
 
 TINY_CONFIG = textwrap.dedent("""
     from configs import cifar
@@ -65,3 +65,53 @@ def test_module_entry_point_prints_json_last(tiny_config):
 def test_missing_config_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match='does not exist'):
     bench.main(['--config', str(tmp_path / 'nope.py'), '--mode', 'train'])
+
+
+def test_suite_runs_a_group_in_a_child_process_and_keeps_each_figure(tmp_path, capsys):
+  out = tmp_path / 'results.jsonl'
+  results = suite.main(['--quick', '--groups', 'ours-fast', '--out', str(out)])
+  # Two training measurements with XLA's deterministic GPU kernels off, in a fresh process.
+  assert [(r['mode'], r['batch_size'], r['dtype']) for r in results] == [
+      ('train', 4, 'float32'), ('train', 8, 'bfloat16')]
+  assert all(r['deterministic'] is False and r['xla_deterministic_flag'] is False
+             for r in results)
+  assert all(r['xla_flops'] > 0 and r['xla_bytes_accessed'] > 0 for r in results)
+  assert suite.read_results(str(out)) == results
+  printed = capsys.readouterr().out
+  assert '| ours | train | 8 | bfloat16, deterministic off |' in printed
+  assert 'not CondenseNet-86' in printed  # the tiny model is never compared with the official
+  with pytest.raises(SystemExit, match='already exists'):
+    suite.main(['--quick', '--groups', 'ours-fast', '--out', str(out)])
+
+
+def _row(impl, mode, batch, img_per_s, **extra):
+  record = {'impl': impl, 'mode': mode, 'batch_size': batch, 'img_per_s': img_per_s,
+            'step_ms_median': 1000 * batch / img_per_s}
+  if impl == 'ours':
+    record.update(stages=[14, 14, 14], growth=[8, 16, 32], compile_s=1.0)
+  return {**record, **extra}
+
+
+def test_suite_ratios_pair_the_measurements_the_targets_name():
+  results = [
+      _row('ours', 'train', 64, 300.0, dtype='float32', deterministic=True),
+      _row('ours', 'train', 64, 360.0, dtype='float32', deterministic=False),
+      _row('ours', 'train', 256, 900.0, dtype='bfloat16', deterministic=True),
+      _row('ours', 'infer_masked', 1024, 4000.0, dtype='float32'),
+      _row('ours', 'infer_condensed', 1024, 10000.0, dtype='float32'),
+      _row('official-pytorch', 'train', 64, 100.0, bf16=False),
+      _row('official-pytorch', 'train', 256, 450.0, bf16=True, channels_last=True),
+      _row('official-pytorch', 'infer_converted', 1024, 2500.0, bf16=False),
+  ]
+  text = suite.table(results)
+  # The paper setting compares our default (deterministic) float32 step with eager float32.
+  assert 'float32 at the paper batch (ours, deterministic / official eager): 300.0 / 100.0 ' \
+         'img/s = 3.00x' in text
+  assert 'best training throughput (ours / official): 900.0 / 450.0 img/s = 2.00x' in text
+  assert 'condensed inference, float32 (ours / official converted): 10000.0 / 2500.0 ' \
+         'img/s = 4.00x' in text
+  assert 'condensed / masked inference, float32 (ours): 10000.0 / 4000.0 img/s = 2.50x' in text
+  assert 'deterministic GPU kernels, float32 training (on / off): 300.0 / 360.0 img/s = ' \
+         '0.83x' in text
+  assert 'bfloat16 (ours / official converted)' not in text  # not measured on both sides
+

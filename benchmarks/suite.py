@@ -1,0 +1,318 @@
+"""The whole performance comparison in one command: our training and inference at several
+batch sizes and precisions, the card's measured peaks, and (optionally) the official PyTorch
+code timed in the same call; prints one table and writes every figure as JSON lines.
+
+    python -m benchmarks.suite --config configs/cifar.py --out results.jsonl \\
+        [--official-dir PATH_TO_OFFICIAL_CHECKOUT] [--quick]
+
+What runs (each group in its own process, so that XLA flags apply and memory is returned):
+  peaks       copy bandwidth (read + write of a large array) and matrix-product rate in float32
+              and bfloat16, measured with JAX on this device;
+  ours        `benchmarks.bench` in train mode at batch 64 and 256 in float32 and bfloat16, and
+              masked vs condensed inference at the inference batch, with the config's
+              `deterministic` setting (default on);
+  ours-fast   train at batch 64 float32 and 256 bfloat16 with `--deterministic false`: the cost
+              of XLA's deterministic GPU kernels;
+  official    `benchmarks.official_torch` (needs PyTorch and a checkout of the official code):
+              train in the paper's setting (eager float32, batch 64) and with bfloat16 autocast +
+              channels_last at batch 64 and 256, masked and converted inference.
+
+Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
+so a run cut short (`--budget` seconds for the whole suite) keeps what it measured. `--quick`
+shrinks everything (tiny model, small batches, 2 steps) to check the machinery on a CPU; ratios
+to the official code are then not printed, since that side always runs CondenseNet-86.
+
+"of peak" in the table is XLA's own estimate of one step's floating-point operations and bytes
+accessed (`compiled.cost_analysis()`) divided by the step time, as a fraction of the measured
+matrix-product rate (of the step's precision) and copy bandwidth.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+QUICK_CONFIG = textwrap.dedent("""
+    from configs import cifar
+
+    def get_config():
+      config = cifar.get_config()
+      config.model.stages = (1, 1, 1)
+      config.model.growth = (4, 8, 8)
+      return config
+""")
+
+
+def plan(args) -> dict:
+  """The measurements of each process group: lists of `benchmarks.bench` argument lists (and
+  of `official_torch` ones)."""
+  train_batches = (4, 8) if args.quick else (64, 256)
+  infer_batch = 8 if args.quick else args.infer_batch
+  steps = ['--steps', str(2 if args.quick else args.steps), '--warmup', '1' if args.quick else '3']
+  small, large = train_batches
+
+  def train(batch, dtype):
+    return ['--mode', 'train', '--batch-size', str(batch), '--dtype', dtype] + steps
+
+  def infer(mode, dtype):
+    return ['--mode', mode, '--batch-size', str(infer_batch), '--dtype', dtype] + steps
+
+  # Most wanted first: a group stopped by its time limit keeps what it measured.
+  ours = [train(small, 'float32'), train(large, 'bfloat16'),
+          infer('infer_masked', 'float32'), infer('infer_condensed', 'float32'),
+          train(small, 'bfloat16'), train(large, 'float32'),
+          infer('infer_masked', 'bfloat16'), infer('infer_condensed', 'bfloat16')]
+  fast = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32',
+           '--deterministic', 'false'] + steps,
+          ['--mode', 'train', '--batch-size', str(large), '--dtype', 'bfloat16',
+           '--deterministic', 'false'] + steps]
+  official = [
+      ['--modes', 'train', '--train-batch', str(small)],
+      ['--modes', 'train', '--train-batch', str(small), '--bf16', '--channels-last'],
+      ['--modes', 'train', '--train-batch', str(large), '--bf16', '--channels-last'],
+      ['--modes', 'infer_masked,infer_converted', '--infer-batch', str(infer_batch)],
+      ['--modes', 'infer_masked,infer_converted', '--infer-batch', str(infer_batch), '--bf16',
+       '--channels-last'],
+  ]
+  official = [o + steps for o in official]
+  return {'ours': ours, 'ours-fast': fast, 'official': official}
+
+
+def measure_peaks(quick: bool) -> list:
+  """Copy bandwidth and matrix-product rates of the default device, measured with JAX."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def timed(fn, *args, repeats=10):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+  gpu = jax.default_backend() != 'cpu'
+  device = jax.devices()[0].device_kind
+  results = []
+  n = (1 << 18) if quick else ((1 << 28) if gpu else (1 << 26))  # float32 elements
+  x = jnp.ones((n,), jnp.float32)
+  seconds = timed(jax.jit(lambda a: a * 1.0001), x)
+  results.append({'impl': 'peak', 'what': 'copy', 'device': device,
+                  'gb_per_s': 2 * 4 * n / seconds / 1e9, 'bytes': 4 * n})
+  size = 256 if quick else (8192 if gpu else 2048)
+  for dtype in ('float32', 'bfloat16'):
+    a = jnp.ones((size, size), dtype)
+    seconds = timed(jax.jit(lambda p, q: p @ q), a, a)
+    results.append({'impl': 'peak', 'what': f'matmul_{dtype}', 'device': device,
+                    'tflop_per_s': 2 * size ** 3 / seconds / 1e12, 'size': size,
+                    'matmul_precision': str(jax.config.jax_default_matmul_precision)})
+  return results
+
+
+def _emit(record: dict, out):
+  print(json.dumps(record), flush=True)
+  if out:
+    with open(out, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def worker(args):
+  """Runs one process group's measurements in this process, one JSON line each."""
+  if args.group == 'peaks':
+    for record in measure_peaks(args.quick):
+      _emit(record, args.out)
+    return
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
+  for bench_args in plan(args)[args.group]:
+    try:
+      result = bench.run(bench.parse_args(['--config', args.config] + bench_args))
+      _emit({'impl': 'ours', 'group': args.group, **result}, args.out)
+    except Exception as e:  # pylint: disable=broad-except
+      _emit({'impl': 'ours', 'group': args.group, 'args': bench_args,
+             'error': f'{type(e).__name__}: {e}'}, args.out)
+
+
+def _spawn(group: str, command: list, deadline) -> bool:
+  """Runs one child process (its JSON lines reach stdout and `--out` as they are printed);
+  False when the suite's time budget is spent."""
+  timeout = None if deadline is None else deadline - time.monotonic()
+  if timeout is not None and timeout <= 0:
+    print(f'suite: no time left for {group}', flush=True)
+    return False
+  from condensenet_jax.train import DETERMINISTIC_FLAG  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  if group == 'ours-fast':  # also when this process (or the user) has set it
+    flags = env.get('XLA_FLAGS', '').split()
+    env['XLA_FLAGS'] = ' '.join(f for f in flags if f != DETERMINISTIC_FLAG)
+  start = time.monotonic()
+  try:
+    subprocess.run(command, cwd=ROOT, timeout=timeout, check=False, env=env)
+  except subprocess.TimeoutExpired:
+    print(f'suite: {group} stopped when the time budget ran out', flush=True)
+    return False
+  print(f'suite: {group} took {time.monotonic() - start:.0f} s', file=sys.stderr, flush=True)
+  return True
+
+
+def read_results(path: str) -> list:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _precision(r: dict) -> str:
+  if r['impl'] == 'official-pytorch':
+    return ('bf16 autocast' if r.get('bf16') else 'float32') + (
+        ' + channels_last' if r.get('channels_last') else '')
+  return r.get('dtype', '') + ('' if r.get('deterministic', True) else ', deterministic off')
+
+
+def table(results: list) -> str:
+  """Markdown table of every measurement, then the issue's ratios where both sides ran."""
+  peaks = {r['what']: r for r in results if r.get('impl') == 'peak'}
+  lines = ['| impl | mode | batch | precision | img/s | step ms | compile s | of peak |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in results:
+    if r.get('impl') == 'peak' or 'error' in r:
+      continue
+    frac = ''
+    if r['impl'] == 'ours' and r.get('xla_flops') and peaks:
+      seconds = r['step_ms_median'] / 1000
+      matmul = peaks.get('matmul_bfloat16' if r.get('dtype') == 'bfloat16' else
+                         'matmul_float32')
+      parts = []
+      if matmul:
+        parts.append(f"{r['xla_flops'] / seconds / 1e12 / matmul['tflop_per_s']:.1%} matmul")
+      if r.get('xla_bytes_accessed') and 'copy' in peaks:
+        parts.append(f"{r['xla_bytes_accessed'] / seconds / 1e9 / peaks['copy']['gb_per_s']:.0%}"
+                     ' copy')
+      frac = ', '.join(parts)
+    compile_s = f"{r['compile_s']:.1f}" if r.get('compile_s') is not None else ''
+    lines.append(f"| {r['impl']} | {r['mode']} | {r['batch_size']} | {_precision(r)} | "
+                 f"{r['img_per_s']:.1f} | {r['step_ms_median']:.1f} | {compile_s} | {frac} |")
+  for r in results:
+    if 'error' in r:
+      lines.append(f"| {r['impl']} | failed: {r['error'][:80]} | | | | | | |")
+  if peaks:
+    lines.append('')
+    lines.append('Peaks measured on ' + next(iter(peaks.values()))['device'] + ': ' + ', '.join(
+        f"{w} {p['gb_per_s']:.3g} GB/s" if 'gb_per_s' in p else f"{w} {p['tflop_per_s']:.3g} "
+        'TFLOP/s' for w, p in peaks.items()) + '. "of peak" is XLA\'s cost estimate of the '
+        "step's flops and bytes over the step time, against these.")
+  lines.extend(ratios(results))
+  return '\n'.join(lines)
+
+
+def ratios(results: list) -> list:
+  """The comparisons the performance targets name, where both sides were measured."""
+  def pick(impl, mode, batch=None, **want):
+    rows = [r for r in results if r.get('impl') == impl and r.get('mode') == mode
+            and 'error' not in r and (batch is None or r['batch_size'] == batch)
+            and all(r.get(k) == v for k, v in want.items())]
+    return max(rows, key=lambda r: r['img_per_s']) if rows else None
+
+  lines = []
+  if any(r.get('impl') == 'ours' and (r.get('stages'), r.get('growth')) != (
+      [14, 14, 14], [8, 16, 32]) for r in results if 'error' not in r):
+    return ['', 'No ratios: our model here is not CondenseNet-86, which the official side '
+            'always runs.']
+
+  def ratio(label, ours, theirs):
+    if ours and theirs:
+      lines.append(f"- {label}: {ours['img_per_s']:.1f} / {theirs['img_per_s']:.1f} img/s = "
+                   f"{ours['img_per_s'] / theirs['img_per_s']:.2f}x")
+
+  small = min((r['batch_size'] for r in results if r.get('mode') == 'train'), default=None)
+  ratio('training, float32 at the paper batch (ours, deterministic / official eager)',
+        pick('ours', 'train', small, dtype='float32', deterministic=True),
+        pick('official-pytorch', 'train', small, bf16=False))
+  ratio('best training throughput (ours / official)', pick('ours', 'train'),
+        pick('official-pytorch', 'train'))
+  for precision, official_bf16 in (('float32', False), ('bfloat16', True)):
+    condensed = pick('ours', 'infer_condensed', dtype=precision)
+    ratio(f'condensed inference, {precision} (ours / official converted)', condensed,
+          pick('official-pytorch', 'infer_converted', bf16=official_bf16))
+    ratio(f'condensed / masked inference, {precision} (ours)', condensed,
+          pick('ours', 'infer_masked', dtype=precision))
+  deterministic = pick('ours', 'train', small, dtype='float32', deterministic=True)
+  fast = pick('ours', 'train', small, dtype='float32', deterministic=False)
+  ratio('deterministic GPU kernels, float32 training (on / off)', deterministic, fast)
+  if lines:
+    lines.insert(0, '')
+  return lines
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'cifar.py'))
+  parser.add_argument('--out', default='benchmark_results.jsonl',
+                      help='JSON lines, appended as each figure is measured')
+  parser.add_argument('--official-dir', default=None,
+                      help='a checkout of the official PyTorch CondenseNet code (optional)')
+  parser.add_argument('--official-python', default=sys.executable,
+                      help='the Python that has PyTorch (default: this one)')
+  parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
+  parser.add_argument('--infer-batch', type=int, default=1024)
+  parser.add_argument('--groups', default='peaks,ours,ours-fast,official',
+                      help='comma-separated subset of peaks,ours,ours-fast,official')
+  parser.add_argument('--budget', type=float, default=None,
+                      help='seconds for the whole suite: each process is stopped when it '
+                           'runs out, keeping what it measured (default: no limit)')
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny model, small batches, 2 steps: checks the machinery')
+  parser.add_argument('--group', default=None, help=argparse.SUPPRESS)  # worker mode
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.group:
+    worker(args)
+    return None
+  if args.quick and args.config == os.path.join(ROOT, 'configs', 'cifar.py'):
+    args.config = os.path.join(tempfile.mkdtemp(prefix='suite_'), 'quick_config.py')
+    with open(args.config, 'w') as f:
+      f.write(QUICK_CONFIG)
+  if not os.path.exists(args.config):
+    raise SystemExit(f'error: --config {args.config} does not exist')
+  groups = [g for g in args.groups.split(',') if g]
+  unknown = set(groups) - {'peaks', 'ours', 'ours-fast', 'official'}
+  if unknown:
+    raise SystemExit(f'error: --groups has unknown {sorted(unknown)}; use a subset of '
+                     'peaks,ours,ours-fast,official')
+  if 'official' in groups and not args.official_dir:
+    print('suite: no --official-dir, so the official code is not timed', flush=True)
+    groups.remove('official')
+  out = os.path.abspath(args.out)
+  if os.path.exists(out):
+    raise SystemExit(f'error: --out {out} already exists; choose a new file (results are '
+                     'appended as they are measured, so an old file would mix two runs)')
+  common = ['--config', os.path.abspath(args.config), '--out', out, '--steps',
+            str(args.steps), '--infer-batch', str(args.infer_batch)] + (
+                ['--quick'] if args.quick else [])
+  deadline = None if args.budget is None else time.monotonic() + args.budget
+  for group in groups:
+    if group == 'official':
+      commands = [[args.official_python, '-u', '-m', 'benchmarks.official_torch',
+                   '--official-dir', args.official_dir, '--out', out] + official_args
+                  for official_args in plan(args)['official']]
+    else:
+      commands = [[sys.executable, '-u', '-m', 'benchmarks.suite', '--group', group] + common]
+    for command in commands:
+      if not _spawn(group, command, deadline):
+        break
+  results = read_results(out) if os.path.exists(out) else []
+  text = table(results)
+  print(text, flush=True)
+  return results
+
+
+if __name__ == '__main__':
+  main()
