@@ -17,6 +17,7 @@ result). The last line of the output is one JSON object with the figures.
 """
 
 import argparse
+import collections.abc
 import importlib.util
 import json
 import os
@@ -82,11 +83,13 @@ def _cost(program) -> dict:
   over the program's operations), or {} where the backend gives none."""
   try:
     cost = program.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
+    if isinstance(cost, (list, tuple)):  # some JAX versions: one dict per computation
+      cost = cost[0] if cost else {}
+    if not isinstance(cost, collections.abc.Mapping):
+      return {}
+    return {k: float(cost[k]) for k in ('flops', 'bytes accessed') if k in cost}
+  except Exception:  # pylint: disable=broad-except  (a diagnostic: never fail the timing)
     return {}
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0] if cost else {}
-  return {k: float(v) for k, v in (cost or {}).items() if k in ('flops', 'bytes accessed')}
 
 
 def run(args) -> dict:

@@ -19,13 +19,16 @@ apply and memory is returned):
               `deterministic` setting (default on).
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
-so a run cut short (`--budget` seconds for the whole suite) keeps what it measured. `--quick`
-shrinks everything (tiny model, small batches, 2 steps) to check the machinery on a CPU; ratios
-to the official code are then not printed, since that side always runs CondenseNet-86.
+so a run cut short (`--budget` seconds for the whole suite) keeps what it measured; a child
+that fails leaves an error record. `--quick` shrinks everything (a tiny model unless `--config`
+is given, small batches, 2 steps) to check the machinery on a CPU; ratios to the official code
+are printed only for CondenseNet-86, the model that side always runs.
 
 "of peak" in the table is XLA's own estimate of one step's floating-point operations and bytes
 accessed (`compiled.cost_analysis()`) divided by the step time, as a fraction of the measured
-matrix-product rate (of the step's precision) and copy bandwidth.
+matrix-product rate (of the step's precision) and copy bandwidth. The float32 peak is taken at
+JAX's default matmul precision, which on recent NVIDIA GPUs may use TF32 (the record says which
+precision setting was in force).
 """
 
 import argparse
@@ -136,14 +139,14 @@ def worker(args):
     try:
       result = bench.run(bench.parse_args(['--config', args.config] + bench_args))
       _emit({'impl': 'ours', 'group': args.group, **result}, args.out)
-    except Exception as e:  # pylint: disable=broad-except
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
       _emit({'impl': 'ours', 'group': args.group, 'args': bench_args,
              'error': f'{type(e).__name__}: {e}'}, args.out)
 
 
-def _spawn(group: str, command: list, deadline) -> bool:
+def _spawn(group: str, command: list, deadline, out: str) -> bool:
   """Runs one child process (its JSON lines reach stdout and `--out` as they are printed);
-  False when the suite's time budget is spent."""
+  False when the suite's time budget is spent or the child failed (recorded in `out`)."""
   timeout = None if deadline is None else deadline - time.monotonic()
   if timeout is not None and timeout <= 0:
     print(f'suite: no time left for {group}', flush=True)
@@ -155,11 +158,15 @@ def _spawn(group: str, command: list, deadline) -> bool:
     env['XLA_FLAGS'] = ' '.join(f for f in flags if f != DETERMINISTIC_FLAG)
   start = time.monotonic()
   try:
-    subprocess.run(command, cwd=ROOT, timeout=timeout, check=False, env=env)
+    code = subprocess.run(command, cwd=ROOT, timeout=timeout, check=False, env=env).returncode
   except subprocess.TimeoutExpired:
     print(f'suite: {group} stopped when the time budget ran out', flush=True)
     return False
   print(f'suite: {group} took {time.monotonic() - start:.0f} s', file=sys.stderr, flush=True)
+  if code != 0:
+    _emit({'impl': 'official-pytorch' if group == 'official' else 'ours', 'group': group,
+           'args': command[3:], 'error': f'the process exited with code {code}'}, out)
+    return False
   return True
 
 
@@ -200,7 +207,8 @@ def table(results: list) -> str:
                  f"{r['img_per_s']:.1f} | {r['step_ms_median']:.1f} | {compile_s} | {frac} |")
   for r in results:
     if 'error' in r:
-      lines.append(f"| {r['impl']} | failed: {r['error'][:80]} | | | | | | |")
+      what = ' '.join(str(a) for a in r.get('args', []))[:80]
+      lines.append(f"| {r['impl']} | failed: {r['error'][:100]} | {what} | | | | | |")
   if peaks:
     lines.append('')
     lines.append('Peaks measured on ' + next(iter(peaks.values()))['device'] + ': ' + ', '.join(
@@ -234,8 +242,8 @@ def ratios(results: list) -> list:
   ratio('training, float32 at the paper batch (ours, deterministic / official eager)',
         pick('ours', 'train', small, dtype='float32', deterministic=True),
         pick('official-pytorch', 'train', small, bf16=False))
-  ratio('best training throughput (ours / official)', pick('ours', 'train'),
-        pick('official-pytorch', 'train'))
+  ratio('best training throughput, any batch, precision or determinism (ours / official)',
+        pick('ours', 'train'), pick('official-pytorch', 'train'))
   for precision, official_bf16 in (('float32', False), ('bfloat16', True)):
     condensed = pick('ours', 'infer_condensed', dtype=precision)
     ratio(f'condensed inference, {precision} (ours / official converted)', condensed,
@@ -252,7 +260,8 @@ def ratios(results: list) -> list:
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'cifar.py'))
+  parser.add_argument('--config', default=None,
+                      help='a config file (default: configs/cifar.py; with --quick a tiny one)')
   parser.add_argument('--out', default='benchmark_results.jsonl',
                       help='JSON lines, appended as each figure is measured')
   parser.add_argument('--official-dir', default=None,
@@ -262,9 +271,9 @@ def parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
   parser.add_argument('--infer-batch', type=int, default=1024)
   parser.add_argument('--groups', default='peaks,official,ours-fast,ours',
-                      help='comma-separated subset of peaks,official,ours-fast,ours, run in '
-                           'this order (the default runs the short groups first, so that a '
-                           'budget cut costs only the last of our measurements)')
+                      help='comma-separated subset of peaks,official,ours-fast,ours, run in the '
+                           'order given (the default runs the short groups first, so that a '
+                           "budget cut costs the last of our group 'ours')")
   parser.add_argument('--budget', type=float, default=None,
                       help='seconds for the whole suite: each process is stopped when it '
                            'runs out, keeping what it measured (default: no limit)')
@@ -279,10 +288,17 @@ def main(argv=None):
   if args.group:
     worker(args)
     return None
-  if args.quick and args.config == os.path.join(ROOT, 'configs', 'cifar.py'):
-    args.config = os.path.join(tempfile.mkdtemp(prefix='suite_'), 'quick_config.py')
-    with open(args.config, 'w') as f:
-      f.write(QUICK_CONFIG)
+  with tempfile.TemporaryDirectory(prefix='suite_') as scratch:
+    if args.config is None and args.quick:
+      args.config = os.path.join(scratch, 'quick_config.py')
+      with open(args.config, 'w') as f:
+        f.write(QUICK_CONFIG)
+    elif args.config is None:
+      args.config = os.path.join(ROOT, 'configs', 'cifar.py')
+    return _run_groups(args)
+
+
+def _run_groups(args):
   if not os.path.exists(args.config):
     raise SystemExit(f'error: --config {args.config} does not exist')
   groups = [g for g in args.groups.split(',') if g]
@@ -293,6 +309,10 @@ def main(argv=None):
   if 'official' in groups and not args.official_dir:
     print('suite: no --official-dir, so the official code is not timed', flush=True)
     groups.remove('official')
+  elif args.official_dir:
+    args.official_dir = os.path.abspath(args.official_dir)
+    if os.sep in args.official_python:
+      args.official_python = os.path.abspath(args.official_python)
   out = os.path.abspath(args.out)
   if os.path.exists(out):
     raise SystemExit(f'error: --out {out} already exists; choose a new file (results are '
@@ -309,7 +329,7 @@ def main(argv=None):
     else:
       commands = [[sys.executable, '-u', '-m', 'benchmarks.suite', '--group', group] + common]
     for command in commands:
-      if not _spawn(group, command, deadline):
+      if not _spawn(group, command, deadline, out):
         break
   results = read_results(out) if os.path.exists(out) else []
   text = table(results)

@@ -506,8 +506,8 @@ DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
 
 def _backends_started() -> bool:
   """Whether JAX has created its backends (after which XLA_FLAGS changes are not read);
-  False where this JAX lacks the private helper that tells (setting the flag is then harmless
-  if they have started, and needed if they have not)."""
+  False where this JAX lacks the private helper that tells: setting the flag is then harmless
+  if they have started (though the warning below is not given) and needed if they have not."""
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     return bool(xla_bridge.backends_are_initialized())
