@@ -259,7 +259,7 @@ def ratios(results: list) -> list:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
   parser.add_argument('--config', default=None,
                       help='a config file (default: configs/cifar.py; with --quick a tiny one)')
   parser.add_argument('--out', default='benchmark_results.jsonl',
