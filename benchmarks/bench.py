@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 MODES = ('train', 'infer_masked', 'infer_condensed')
 
@@ -92,9 +93,21 @@ def _cost(program) -> dict:
     return {}
 
 
-def run(args) -> dict:
+class Prepared(NamedTuple):
+  """A compiled benchmark program and what describes it."""
+  step: Callable[[], Any]  # one call of the program (the training step carries its state)
+  program: Any  # the compiled program (`jax.stages.Compiled`)
+  compile_s: float
+  config: Any
+  run: Any  # the `train.Run` it came from
+  model: Any  # the training-form model
+  eval_model: Any  # the model the program runs
+
+
+def prepare(args) -> Prepared:
+  """Builds the config's run on synthetic data and compiles the program that `args.mode`
+  measures."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from condensenet_jax import condense, data, models, train  # pylint: disable=g-import-not-at-top
 
@@ -151,15 +164,26 @@ def run(args) -> dict:
     program = run_.eval_step(eval_model).lower(variables, batch).compile()
     compile_s = time.perf_counter() - start
     fn = lambda: program(variables, batch)
-  cost = _cost(program)
-  times = _timed(fn, args.steps, args.warmup)
+  return Prepared(fn, program, compile_s, config, run_, model, eval_model)
+
+
+def run(args) -> dict:
+  """Compiles, warms up and times `args.steps` steps; the figures as a dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import train  # pylint: disable=g-import-not-at-top
+  prepared = prepare(args)
+  config, run_, model, eval_model = (prepared.config, prepared.run, prepared.model,
+                                     prepared.eval_model)
+  cost = _cost(prepared.program)
+  times = _timed(prepared.step, args.steps, args.warmup)
   median = float(np.median(times))
   device = jax.devices()[0]
   return {
       'mode': args.mode, 'batch_size': args.batch_size,
       'img_per_s': args.batch_size / median, 'step_ms_median': 1000 * median,
       'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
-      'compile_s': compile_s, 'steps': args.steps,
+      'compile_s': prepared.compile_s, 'steps': args.steps,
       'train_step_compilations': len(run_.traces) if args.mode == 'train' else None,
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,

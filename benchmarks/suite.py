@@ -16,7 +16,9 @@ apply and memory is returned):
               of XLA's deterministic GPU kernels;
   ours        `benchmarks.bench` in train mode at batch 64 and 256 in float32 and bfloat16, and
               masked vs condensed inference at the inference batch, with the config's
-              `deterministic` setting (default on).
+              `deterministic` setting (default on);
+  profile     `benchmarks.op_profile` of the float32 training step at batch 64: the time per
+              category of XLA operation (convolution, dot, transpose, elementwise, ...).
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
 so a run cut short (`--budget` seconds for the whole suite) keeps what it measured; a child
@@ -83,7 +85,9 @@ def plan(args) -> dict:
        '--channels-last'],
   ]
   official = [o + steps for o in official]
-  return {'ours': ours, 'ours-fast': fast, 'official': official}
+  profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
+              '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
+  return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile}
 
 
 def measure_peaks(quick: bool) -> list:
@@ -133,7 +137,16 @@ def worker(args):
     for record in measure_peaks(args.quick):
       _emit(record, args.out)
     return
-  from benchmarks import bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench, op_profile  # pylint: disable=g-import-not-at-top
+  if args.group == 'profile':
+    for profile_args in plan(args)['profile']:
+      try:
+        result = op_profile.main(['--config', args.config] + profile_args)
+        _emit({'impl': 'profile', 'group': args.group, **result}, args.out)
+      except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+        _emit({'impl': 'profile', 'group': args.group, 'args': profile_args,
+               'error': f'{type(e).__name__}: {e}'}, args.out)
+    return
   for bench_args in plan(args)[args.group]:
     try:
       result = bench.run(bench.parse_args(['--config', args.config] + bench_args))
@@ -187,7 +200,7 @@ def table(results: list) -> str:
   lines = ['| impl | mode | batch | precision | img/s | step ms | compile s | of peak |',
            '|---|---|---|---|---|---|---|---|']
   for r in results:
-    if r.get('impl') == 'peak' or 'error' in r:
+    if r.get('impl') in ('peak', 'profile') or 'error' in r:
       continue
     frac = ''
     if r['impl'] == 'ours' and r.get('xla_flops') and peaks:
@@ -215,6 +228,13 @@ def table(results: list) -> str:
         'TFLOP/s' for w, p in peaks.items()) + '. "of peak" is XLA\'s cost estimate of the '
         "step's flops and bytes over the step time, against these.")
   lines.extend(ratios(results))
+  for r in results:
+    if r.get('impl') == 'profile' and 'error' not in r:
+      lines.append('')
+      lines.append(f"Where the {r['mode']} step's time goes (batch {r['batch_size']}, "
+                   f"{r['dtype']}, `benchmarks.op_profile`): " + ', '.join(
+                       f"{c['category']} {c['ms']:.1f} ms" for c in r['categories'])
+                   + f" of {r['wall_ms_per_step']:.1f} ms wall.")
   return '\n'.join(lines)
 
 
@@ -269,10 +289,10 @@ def parse_args(argv=None):
                       help='the Python that has PyTorch (default: this one)')
   parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
   parser.add_argument('--infer-batch', type=int, default=1024)
-  parser.add_argument('--groups', default='peaks,official,ours-fast,ours',
-                      help='comma-separated subset of peaks,official,ours-fast,ours, run in the '
-                           'order given (the default runs the short groups first, so that a '
-                           "budget cut costs the last of our group 'ours')")
+  parser.add_argument('--groups', default='peaks,official,ours-fast,ours,profile',
+                      help='comma-separated subset of peaks,official,ours-fast,ours,profile, '
+                           'run in the order given (the default runs the short groups first, '
+                           'so that a budget cut costs the profile and the last of ours)')
   parser.add_argument('--budget', type=float, default=None,
                       help='seconds for the whole suite: each process is stopped when it '
                            'runs out, keeping what it measured (default: no limit)')
@@ -301,10 +321,10 @@ def _run_groups(args):
   if not os.path.exists(args.config):
     raise SystemExit(f'error: --config {args.config} does not exist')
   groups = [g for g in args.groups.split(',') if g]
-  unknown = set(groups) - {'peaks', 'ours', 'ours-fast', 'official'}
+  unknown = set(groups) - {'peaks', 'ours', 'ours-fast', 'official', 'profile'}
   if unknown:
     raise SystemExit(f'error: --groups has unknown {sorted(unknown)}; use a subset of '
-                     'peaks,ours,ours-fast,official')
+                     'peaks,official,ours-fast,ours,profile')
   if 'official' in groups and not args.official_dir:
     print('suite: no --official-dir, so the official code is not timed', flush=True)
     groups.remove('official')

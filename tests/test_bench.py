@@ -65,15 +65,18 @@ def test_suite_runs_a_group_in_a_child_process_and_keeps_each_figure(tmp_path, c
   # Even with the deterministic flag set by the caller, 'ours-fast' runs without it.
   monkeypatch.setenv('XLA_FLAGS', train.DETERMINISTIC_FLAG)
   out = tmp_path / 'results.jsonl'
-  results = suite.main(['--quick', '--groups', 'ours-fast', '--out', str(out)])
+  results = suite.main(['--quick', '--groups', 'ours-fast,profile', '--out', str(out)])
+  profile = results.pop()
+  assert profile['impl'] == 'profile' and profile['mode'] == 'train' and profile['total_ms'] > 0
   # Two training measurements with XLA's deterministic GPU kernels off, in a fresh process.
   assert [(r['mode'], r['batch_size'], r['dtype']) for r in results] == [
       ('train', 4, 'float32'), ('train', 8, 'bfloat16')]
   assert all(r['deterministic'] is False and r['xla_deterministic_flag'] is False
              for r in results)
   assert all(r['xla_flops'] > 0 and r['xla_bytes_accessed'] > 0 for r in results)
-  assert len(out.read_text().splitlines()) == 2  # one line per figure, written by the child
+  assert len(out.read_text().splitlines()) == 3  # one line per figure, written by the child
   printed = capsys.readouterr().out
+  assert "Where the train step's time goes (batch 4, float32" in printed
   assert '| ours | train | 8 | bfloat16, deterministic off |' in printed
   assert 'not CondenseNet-86' in printed  # the tiny model is never compared with the official
   with pytest.raises(SystemExit, match='already exists'):
@@ -144,3 +147,42 @@ def test_cost_estimate_never_breaks_a_measurement(cost, expected):
         raise cost
       return cost
   assert bench._cost(Program()) == expected  # pylint: disable=protected-access
+
+
+def test_op_profile_joins_the_trace_with_the_compiled_program(tiny_config, capsys):
+  from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
+  result = op_profile.main(['--config', tiny_config, '--mode', 'train', '--batch-size', '8',
+                            '--steps', '1', '--warmup', '1', '--top', '5'])
+  categories = {c['category']: c for c in result['categories']}
+  assert result['total_ms'] > 0 and len(result['top']) == 5
+  assert categories['convolution']['ms'] > 0 and categories['dot']['ms'] > 0
+  assert sum(c['ms'] for c in result['categories']) == pytest.approx(result['total_ms'])
+  # Every listed operation was found in the optimized HLO; XLA keeps the JAX source of most
+  # (not of some instructions its own passes create).
+  assert all(r['shape'] != '?' for r in result['top'])
+  assert sum(bool(r['source']) for r in result['top']) >= 3
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(
+      json.dumps(result))
+
+
+def test_hlo_categories():
+  from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
+  text = '''HloModule m
+
+%fused_computation (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p0), dimensions={1,0}, metadata={op_name="jit(f)/transpose"}
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %transpose_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation
+  %cc = f32[4,2]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  ROOT %d = f32[4,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
+}
+'''
+  table = op_profile.parse_hlo(text)
+  assert table['transpose_fusion'] == ('f32[8,4]{1,0}', 'transpose/copy', 'jit(f)/transpose')
+  assert table['cc'][1] == 'custom-call:__cublas$gemm'
+  assert table['d'] == ('f32[4,2]{1,0}', 'dot', 'jit(f)/dot_general')
