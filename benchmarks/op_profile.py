@@ -12,6 +12,7 @@ output shape, the JAX source operation it came from, and a category:
   convolution, dot       a convolution or matrix product (alone or fused with elementwise work)
   custom-call:TARGET     a library call (cuDNN convolutions and cuBLAS products on GPU)
   reduction              a reduction (batch-norm statistics, norms, losses)
+  gather/scatter         indexed reads or writes (the condensed model's channel gathers)
   transpose/copy         a layout change
   concatenate            a concatenation (the dense blocks' growing inputs)
   elementwise            any other fused elementwise work
@@ -78,6 +79,8 @@ def _category(opcode: str, rest: str, inner: list) -> str:
       return kind
   if 'reduce' in ops or 'reduce-window' in ops:
     return 'reduction'
+  if 'gather' in ops or 'scatter' in ops:
+    return 'gather/scatter'
   if 'concatenate' in ops:
     return 'concatenate'
   if opcode in ('while', 'conditional', 'call', 'all-reduce', 'parameter', 'tuple'):

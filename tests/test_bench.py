@@ -179,10 +179,13 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
   %b = f32[8,2]{1,0} parameter(1)
   %transpose_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation
   %cc = f32[4,2]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  %i = s32[2,1]{1,0} parameter(2)
+  %g = f32[4,2]{1,0} gather(%a, %i), offset_dims={0}, collapsed_slice_dims={1}, start_index_map={1}, index_vector_dim=1, slice_sizes={4,1}
   ROOT %d = f32[4,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
 }
 '''
   table = op_profile.parse_hlo(text)
   assert table['transpose_fusion'] == ('f32[8,4]{1,0}', 'transpose/copy', 'jit(f)/transpose')
   assert table['cc'][1] == 'custom-call:__cublas$gemm'
+  assert table['g'][1] == 'gather/scatter'
   assert table['d'] == ('f32[4,2]{1,0}', 'dot', 'jit(f)/dot_general')
