@@ -43,8 +43,10 @@ def load_config(path: str):
   return module.get_config()
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, parser=None, **defaults):
+  """The benchmark's flags; `parser` (another tool's, with flags of its own) gets them added,
+  and `defaults` replace theirs."""
+  parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='a config file, e.g. configs/cifar.py')
   parser.add_argument('--mode', required=True, choices=MODES)
   parser.add_argument('--batch-size', type=int, default=64, help='global batch')
@@ -60,13 +62,14 @@ def parse_args(argv=None):
                       help="config.deterministic (default: the config's); it sets XLA's "
                            'deterministic GPU kernels, so it only takes effect in a process '
                            'that has not started JAX yet')
+  parser.set_defaults(**defaults)
   args = parser.parse_args(argv)
   if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
     parser.error('--batch-size and --steps must be positive and --warmup not negative')
   return args
 
 
-def _timed(fn, steps: int, warmup: int):
+def time_steps(fn, steps: int, warmup: int):
   """Per-step seconds of the timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
@@ -173,10 +176,9 @@ def run(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from condensenet_jax import train  # pylint: disable=g-import-not-at-top
   prepared = prepare(args)
-  config, run_, model, eval_model = (prepared.config, prepared.run, prepared.model,
-                                     prepared.eval_model)
+  config, model, eval_model = prepared.config, prepared.model, prepared.eval_model
   cost = _cost(prepared.program)
-  times = _timed(prepared.step, args.steps, args.warmup)
+  times = time_steps(prepared.step, args.steps, args.warmup)
   median = float(np.median(times))
   device = jax.devices()[0]
   return {
@@ -184,7 +186,7 @@ def run(args) -> dict:
       'img_per_s': args.batch_size / median, 'step_ms_median': 1000 * median,
       'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
       'compile_s': prepared.compile_s, 'steps': args.steps,
-      'train_step_compilations': len(run_.traces) if args.mode == 'train' else None,
+      'train_step_compilations': len(prepared.run.traces) if args.mode == 'train' else None,
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
       'deterministic': bool(config.get('deterministic', True)),

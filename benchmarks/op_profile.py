@@ -133,32 +133,19 @@ def summarize(totals: collections.Counter, hlo: dict, steps: int, top: int) -> d
 
 
 def parse_args(argv=None):
+  """`benchmarks.bench`'s flags (`--steps` here counts traced steps) and `--top`."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', required=True)
-  parser.add_argument('--mode', required=True, choices=bench.MODES)
-  parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=2, help='traced steps')
-  parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--top', type=int, default=20, help='operations listed')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
-  parser.add_argument('--conv-lowering', default=None)
-  parser.add_argument('--deterministic', choices=('true', 'false'), default=None)
-  args = parser.parse_args(argv)
-  if args.steps <= 0 or args.top <= 0 or args.batch_size <= 0:
-    parser.error('--steps, --top and --batch-size must be positive')
+  args = bench.parse_args(argv, parser, steps=2)
+  if args.top <= 0:
+    parser.error('--top must be positive')
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
-  bench_args = bench.parse_args(
-      ['--config', args.config, '--mode', args.mode, '--batch-size', str(args.batch_size),
-       '--steps', str(args.steps), '--warmup', str(args.warmup)]
-      + (['--dtype', args.dtype] if args.dtype else [])
-      + (['--conv-lowering', args.conv_lowering] if args.conv_lowering else [])
-      + (['--deterministic', args.deterministic] if args.deterministic else []))
-  prepared = bench.prepare(bench_args)
+  prepared = bench.prepare(args)
   for _ in range(args.warmup):
     jax.block_until_ready(prepared.step())
   with tempfile.TemporaryDirectory() as trace_dir:

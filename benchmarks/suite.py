@@ -96,14 +96,10 @@ def measure_peaks(quick: bool) -> list:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  def timed(fn, *args, repeats=10):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(time.perf_counter() - start)
-    return float(np.median(times))
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
+
+  def timed(fn, *args):
+    return float(np.median(bench.time_steps(lambda: fn(*args), steps=10, warmup=1)))
 
   gpu = jax.default_backend() != 'cpu'
   device = jax.devices()[0].device_kind
