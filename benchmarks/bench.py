@@ -25,7 +25,7 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 MODES = ('train', 'infer_masked', 'infer_condensed')
 
@@ -67,6 +67,15 @@ def parse_args(argv=None, parser=None, **defaults):
   if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
     parser.error('--batch-size and --steps must be positive and --warmup not negative')
   return args
+
+
+def emit_json(record: dict, path: Optional[str] = None) -> None:
+  """Prints `record` as one JSON line and, with `path`, appends the line to that file."""
+  line = json.dumps(record)
+  print(line, flush=True)
+  if path:
+    with open(path, 'a') as f:
+      f.write(line + '\n')
 
 
 def time_steps(fn, steps: int, warmup: int):
@@ -208,7 +217,7 @@ def main(argv=None):
   print(f"  step: median {result['step_ms_median']:.1f} ms (min {result['step_ms_min']:.1f}, "
         f"max {result['step_ms_max']:.1f}) over {result['steps']} steps -> "
         f"{result['img_per_s']:.1f} img/s")
-  print(json.dumps(result), flush=True)
+  emit_json(result)
   return result
 
 

@@ -22,10 +22,11 @@ model and input to that memory format; on CUDA, cuDNN's autotuner is on, as in `
 """
 
 import argparse
-import json
 import sys
 import time
 import types
+
+from benchmarks.bench import emit_json
 
 MODES = ('train', 'infer_masked', 'infer_converted')
 
@@ -149,10 +150,7 @@ def main(argv=None):
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
         'threads': torch.get_num_threads(), 'torch': torch.__version__,
     }
-    print(json.dumps(result), flush=True)
-    if args.out:
-      with open(args.out, 'a') as f:
-        f.write(json.dumps(result) + '\n')
+    emit_json(result, args.out)
     results.append(result)
   return results
 

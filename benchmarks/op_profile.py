@@ -167,7 +167,7 @@ def main(argv=None):
   for r in result['top']:
     print(f"  {r['ms']:8.2f} ms  {r['category']:14.14s} {r['shape'][:28]:28s} "
           f"{r['source'][-70:]}")
-  print(json.dumps(result), flush=True)
+  bench.emit_json(result)
   return result
 
 

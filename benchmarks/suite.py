@@ -42,6 +42,8 @@ import tempfile
 import textwrap
 import time
 
+from benchmarks.bench import emit_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUICK_CONFIG = textwrap.dedent("""
@@ -120,36 +122,24 @@ def measure_peaks(quick: bool) -> list:
   return results
 
 
-def _emit(record: dict, out):
-  print(json.dumps(record), flush=True)
-  if out:
-    with open(out, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-
 def worker(args):
   """Runs one process group's measurements in this process, one JSON line each."""
   if args.group == 'peaks':
     for record in measure_peaks(args.quick):
-      _emit(record, args.out)
+      emit_json(record, args.out)
     return
   from benchmarks import bench, op_profile  # pylint: disable=g-import-not-at-top
   if args.group == 'profile':
-    for profile_args in plan(args)['profile']:
-      try:
-        result = op_profile.main(['--config', args.config] + profile_args)
-        _emit({'impl': 'profile', 'group': args.group, **result}, args.out)
-      except (Exception, SystemExit) as e:  # pylint: disable=broad-except
-        _emit({'impl': 'profile', 'group': args.group, 'args': profile_args,
-               'error': f'{type(e).__name__}: {e}'}, args.out)
-    return
-  for bench_args in plan(args)[args.group]:
+    impl, measure = 'profile', op_profile.main
+  else:
+    impl, measure = 'ours', lambda argv: bench.run(bench.parse_args(argv))
+  for job_args in plan(args)[args.group]:
     try:
-      result = bench.run(bench.parse_args(['--config', args.config] + bench_args))
-      _emit({'impl': 'ours', 'group': args.group, **result}, args.out)
+      record = {'impl': impl, 'group': args.group, **measure(['--config', args.config] + job_args)}
     except (Exception, SystemExit) as e:  # pylint: disable=broad-except
-      _emit({'impl': 'ours', 'group': args.group, 'args': bench_args,
-             'error': f'{type(e).__name__}: {e}'}, args.out)
+      record = {'impl': impl, 'group': args.group, 'args': job_args,
+                'error': f'{type(e).__name__}: {e}'}
+    emit_json(record, args.out)
 
 
 def _spawn(group: str, command: list, deadline, out: str) -> bool:
@@ -172,7 +162,7 @@ def _spawn(group: str, command: list, deadline, out: str) -> bool:
     return False
   print(f'suite: {group} took {time.monotonic() - start:.0f} s', file=sys.stderr, flush=True)
   if code != 0:
-    _emit({'impl': 'official-pytorch' if group == 'official' else 'ours', 'group': group,
+    emit_json({'impl': 'official-pytorch' if group == 'official' else 'ours', 'group': group,
            'args': command[3:], 'error': f'the process exited with code {code}'}, out)
     return False
   return True
