@@ -43,6 +43,10 @@ def test_block_diagonal_layout():
 
 def test_resolve_lowering():
   assert layers.resolve_lowering('auto') in layers.LOWERINGS
+  assert layers.resolve_lowering('auto', 64, backend='gpu') == 'block_diagonal'
+  assert layers.resolve_lowering('auto', 64, backend='tpu') == 'grouped'
+  assert layers.resolve_lowering('auto', 64, backend='cpu') == 'per_group'
+  assert layers.resolve_lowering('per_group', backend='gpu') == 'per_group'
   with pytest.raises(ValueError, match="conv_lowering='fast'"):
     layers.resolve_lowering('fast')
 
