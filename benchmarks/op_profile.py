@@ -35,7 +35,10 @@ import time
 
 from benchmarks import bench
 
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$')
+# The shape is one array type or a tuple of them (GPU library calls return a result and a
+# scratch buffer).
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT )?%([\w.\-]+) = (\((?:[^()]|\([^()]*\))*\)|\S+) ([\w\-]+)\((.*)$')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
 
 
