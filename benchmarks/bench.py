@@ -91,6 +91,20 @@ def time_steps(fn, steps: int, warmup: int):
   return times
 
 
+def model_flops(model, mode: str, batch_size: int) -> Optional[float]:
+  """Floating-point operations one step needs by the official count of the model's function
+  (2 per multiply-add of `flops.count`, the paper's FLOPs), times 3 for a training step
+  (forward, and backward for inputs and weights); None for a model it cannot count. This is
+  the work of the function, not of a lowering: masked 1x1 weights and zero blocks of
+  block-diagonal kernels are not counted, so its ratio to a step's time is the model FLOP
+  utilization."""
+  from condensenet_jax import flops, models  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, (models.CondenseNet, models.DenseNet)):
+    return None
+  count, _ = flops.count(model, models.default_image_size(model))
+  return 2.0 * count * batch_size * (3 if mode == 'train' else 1)
+
+
 def _cost(program) -> dict:
   """XLA's own estimate of one call's floating-point operations and bytes accessed (summed
   over the program's operations), or {} where the backend gives none."""
@@ -196,6 +210,7 @@ def run(args) -> dict:
       'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
       'compile_s': prepared.compile_s, 'steps': args.steps,
       'train_step_compilations': len(prepared.run.traces) if args.mode == 'train' else None,
+      'model_flops': model_flops(model, args.mode, args.batch_size),
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
       'deterministic': bool(config.get('deterministic', True)),

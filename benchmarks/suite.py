@@ -26,11 +26,14 @@ that fails leaves an error record. `--quick` shrinks everything (a tiny model un
 is given, small batches, 2 steps) to check the machinery on a CPU; ratios to the official code
 are printed only for CondenseNet-86, the model that side always runs.
 
-"of peak" in the table is XLA's own estimate of one step's floating-point operations and bytes
-accessed (`compiled.cost_analysis()`) divided by the step time, as a fraction of the measured
-matrix-product rate (of the step's precision) and copy bandwidth. The float32 peak is taken at
-JAX's default matmul precision, which on recent NVIDIA GPUs may use TF32 (the record says which
-precision setting was in force).
+"of peak" in the table divides a step's work by its time, as a fraction of the measured
+matrix-product rate (of the step's precision) and copy bandwidth. The work in floating-point
+operations is the model's own count (`bench.model_flops`: the paper's FLOPs, x3 for training),
+so the matmul fraction is the model FLOP utilization; XLA's estimate (`xla_flops` in the
+records) is kept beside it but not used, because on GPU it leaves out most library calls
+(cuDNN convolutions). The bytes are XLA's estimate of bytes accessed
+(`compiled.cost_analysis()`). The float32 peak is taken at JAX's default matmul precision, which
+on recent NVIDIA GPUs may use TF32 (the record says which precision setting was in force).
 """
 
 import argparse
@@ -189,13 +192,14 @@ def table(results: list) -> str:
     if r.get('impl') in ('peak', 'profile') or 'error' in r:
       continue
     frac = ''
-    if r['impl'] == 'ours' and r.get('xla_flops') and peaks:
+    if r['impl'] == 'ours' and peaks:
       seconds = r['step_ms_median'] / 1000
       matmul = peaks.get('matmul_bfloat16' if r.get('dtype') == 'bfloat16' else
                          'matmul_float32')
       parts = []
-      if matmul:
-        parts.append(f"{r['xla_flops'] / seconds / 1e12 / matmul['tflop_per_s']:.1%} matmul")
+      flop_count = r.get('model_flops') or r.get('xla_flops')
+      if matmul and flop_count:
+        parts.append(f"{flop_count / seconds / 1e12 / matmul['tflop_per_s']:.1%} matmul")
       if r.get('xla_bytes_accessed') and 'copy' in peaks:
         parts.append(f"{r['xla_bytes_accessed'] / seconds / 1e9 / peaks['copy']['gb_per_s']:.0%}"
                      ' copy')

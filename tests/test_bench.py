@@ -32,6 +32,18 @@ def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   assert result['step_ms_min'] <= result['step_ms_median'] <= result['step_ms_max']
   assert result['img_per_s'] == pytest.approx(8000 / result['step_ms_median'])
   assert result['model'] == 'CondenseNet' and result['stages'] == [1, 1, 1]
+  from condensenet_jax import flops, train  # pylint: disable=g-import-not-at-top
+  model = train.build_model(bench.load_config(tiny_config), num_classes=10)
+  assert result['model_flops'] == 3 * 2 * flops.count(model, 32)[0] * 8
+
+
+def test_model_flops_are_the_papers_count_times_three_for_training():
+  from condensenet_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.CondenseNet86()
+  # 65.8M multiply-adds per 32x32 image (the official count; the paper says 65M).
+  assert bench.model_flops(model, 'infer_masked', 1024) == 2 * 65816394 * 1024
+  assert bench.model_flops(model, 'train', 64) == 3 * 2 * 65816394 * 64
+  assert bench.model_flops(object(), 'train', 64) is None
 
 
 @pytest.mark.parametrize('mode, model', [('infer_masked', 'CondenseNet'),
@@ -116,6 +128,17 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
   assert 'bfloat16 (ours / official converted)' not in text  # not measured on both sides
 
 
+def test_suite_of_peak_uses_the_model_flops():
+  peaks = [{'impl': 'peak', 'what': 'copy', 'device': 'X', 'gb_per_s': 1000.0},
+           {'impl': 'peak', 'what': 'matmul_float32', 'device': 'X', 'tflop_per_s': 100.0}]
+  # 1 TFLOP in 1 s of a 100 TFLOP/s card, 100 GB of a 1000 GB/s copy; XLA's count ignored.
+  row = _row('ours', 'train', 100, 100.0, dtype='float32', model_flops=1e12, xla_flops=5e12,
+             xla_bytes_accessed=1e11)
+  assert '| 1.0% matmul, 10% copy |' in suite.table(peaks + [row])
+  del row['model_flops']  # a model the count does not cover: XLA's estimate instead
+  assert '| 5.0% matmul, 10% copy |' in suite.table(peaks + [row])
+
+
 
 def test_suite_records_failures_and_goes_on(tmp_path, capsys):
   broken = tmp_path / 'broken.py'
@@ -179,6 +202,9 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
   %b = f32[8,2]{1,0} parameter(1)
   %transpose_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation
   %cc = f32[4,2]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  %x = f32[8,4,4,3]{3,2,1,0} parameter(3)
+  %k = f32[3,3,3,8]{3,2,1,0} parameter(4)
+  %cudnn-conv.12 = (f32[8,4,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(f)/conv_general_dilated"}
   %i = s32[2,1]{1,0} parameter(2)
   %g = f32[4,2]{1,0} gather(%a, %i), offset_dims={0}, collapsed_slice_dims={1}, start_index_map={1}, index_vector_dim=1, slice_sizes={4,1}
   ROOT %d = f32[4,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
@@ -188,4 +214,8 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
   assert table['transpose_fusion'] == ('f32[8,4]{1,0}', 'transpose/copy', 'jit(f)/transpose')
   assert table['cc'][1] == 'custom-call:__cublas$gemm'
   assert table['g'][1] == 'gather/scatter'
+  # Library calls on GPU return tuples (the result and a scratch buffer).
+  assert table['cudnn-conv.12'] == ('(f32[8,4,4,8]{3,2,1,0}, u8[0]{0})',
+                                    'custom-call:__cudnn$convForward',
+                                    'jit(f)/conv_general_dilated')
   assert table['d'] == ('f32[4,2]{1,0}', 'dot', 'jit(f)/dot_general')
