@@ -18,7 +18,9 @@ apply and memory is returned):
               masked vs condensed inference at the inference batch, with the config's
               `deterministic` setting (default on);
   profile     `benchmarks.op_profile` of the float32 training step at batch 64: the time per
-              category of XLA operation (convolution, dot, transpose, elementwise, ...).
+              category of XLA operation (convolution, dot, transpose, elementwise, ...);
+  lowerings   (only when asked for) the float32 training step and condensed inference under
+              each explicit `conv_lowering`, to check what 'auto' picks on this backend.
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
 so a run cut short (`--budget` seconds for the whole suite) keeps what it measured; a child
@@ -60,6 +62,9 @@ QUICK_CONFIG = textwrap.dedent("""
 """)
 
 
+GROUPS = ('peaks', 'official', 'ours-fast', 'ours', 'profile', 'lowerings')
+
+
 def plan(args) -> dict:
   """The measurements of each process group: lists of `benchmarks.bench` argument lists (and
   of `official_torch` ones)."""
@@ -92,7 +97,11 @@ def plan(args) -> dict:
   official = [o + steps for o in official]
   profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
               '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
-  return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile}
+  from condensenet_jax.layers import LOWERINGS  # pylint: disable=g-import-not-at-top
+  lowerings = [job + ['--conv-lowering', lowering] for lowering in LOWERINGS
+               for job in (train(small, 'float32'), infer('infer_condensed', 'float32'))]
+  return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile,
+          'lowerings': lowerings}
 
 
 def measure_peaks(quick: bool) -> list:
@@ -180,7 +189,9 @@ def _precision(r: dict) -> str:
   if r['impl'] == 'official-pytorch':
     return ('bf16 autocast' if r.get('bf16') else 'float32') + (
         ' + channels_last' if r.get('channels_last') else '')
-  return r.get('dtype', '') + ('' if r.get('deterministic', True) else ', deterministic off')
+  lowering = r.get('conv_lowering', 'auto')
+  return r.get('dtype', '') + ('' if r.get('deterministic', True) else ', deterministic off') + (
+      '' if lowering == 'auto' else f', {lowering}')
 
 
 def table(results: list) -> str:
@@ -229,10 +240,12 @@ def table(results: list) -> str:
 
 
 def ratios(results: list) -> list:
-  """The comparisons the performance targets name, where both sides were measured."""
+  """The comparisons the performance targets name, where both sides were measured; ours at
+  the default lowering ('auto'), as users run it."""
   def pick(impl, mode, batch=None, **want):
     rows = [r for r in results if r.get('impl') == impl and r.get('mode') == mode
             and 'error' not in r and (batch is None or r['batch_size'] == batch)
+            and r.get('conv_lowering', 'auto') == 'auto'
             and all(r.get(k) == v for k, v in want.items())]
     return max(rows, key=lambda r: r['img_per_s']) if rows else None
 
@@ -280,9 +293,10 @@ def parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
   parser.add_argument('--infer-batch', type=int, default=1024)
   parser.add_argument('--groups', default='peaks,official,ours-fast,ours,profile',
-                      help='comma-separated subset of peaks,official,ours-fast,ours,profile, '
-                           'run in the order given (the default runs the short groups first, '
-                           'so that a budget cut costs the profile and the last of ours)')
+                      help='comma-separated subset of ' + ','.join(GROUPS) + ', run in the '
+                           'order given (the default runs the short groups first, so that a '
+                           'budget cut costs the profile and the last of ours; lowerings only '
+                           'runs when named)')
   parser.add_argument('--budget', type=float, default=None,
                       help='seconds for the whole suite: each process is stopped when it '
                            'runs out, keeping what it measured (default: no limit)')
@@ -311,10 +325,10 @@ def _run_groups(args):
   if not os.path.exists(args.config):
     raise SystemExit(f'error: --config {args.config} does not exist')
   groups = [g for g in args.groups.split(',') if g]
-  unknown = set(groups) - {'peaks', 'ours', 'ours-fast', 'official', 'profile'}
+  unknown = set(groups) - set(GROUPS)
   if unknown:
     raise SystemExit(f'error: --groups has unknown {sorted(unknown)}; use a subset of '
-                     'peaks,official,ours-fast,ours,profile')
+                     f'{",".join(GROUPS)}')
   if 'official' in groups and not args.official_dir:
     print('suite: no --official-dir, so the official code is not timed', flush=True)
     groups.remove('official')

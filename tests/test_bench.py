@@ -113,8 +113,12 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
       _row('official-pytorch', 'train', 64, 100.0, bf16=False),
       _row('official-pytorch', 'train', 256, 450.0, bf16=True, channels_last=True),
       _row('official-pytorch', 'infer_converted', 1024, 2500.0, bf16=False),
+      # An explicit lowering (the 'lowerings' group) is listed but never paired.
+      _row('ours', 'train', 64, 5000.0, dtype='float32', deterministic=True,
+           conv_lowering='per_group'),
   ]
   text = suite.table(results)
+  assert '| ours | train | 64 | float32, per_group | 5000.0 |' in text
   # The paper setting compares our default (deterministic) float32 step with eager float32.
   assert 'float32 at the paper batch (ours, deterministic / official eager): 300.0 / 100.0 ' \
          'img/s = 3.00x' in text
@@ -126,6 +130,16 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
   assert 'deterministic GPU kernels, float32 training (on / off): 300.0 / 360.0 img/s = ' \
          '0.83x' in text
   assert 'bfloat16 (ours / official converted)' not in text  # not measured on both sides
+
+
+def test_suite_lowerings_group_times_each_explicit_lowering():
+  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  jobs = suite.plan(suite.parse_args(['--quick']))['lowerings']
+  named = [job[job.index('--conv-lowering') + 1] for job in jobs]
+  assert sorted(set(named)) == sorted(layers.LOWERINGS)
+  assert len(jobs) == 2 * len(layers.LOWERINGS)
+  assert {job[1] for job in jobs} == {'train', 'infer_condensed'}
+  assert 'lowerings' not in suite.parse_args([]).groups  # only when asked for
 
 
 def test_suite_of_peak_uses_the_model_flops():
