@@ -105,6 +105,17 @@ def model_flops(model, mode: str, batch_size: int) -> Optional[float]:
   return 2.0 * count * batch_size * (3 if mode == 'train' else 1)
 
 
+def lowering_used(lowering: str, mode: str) -> str:
+  """What `conv_lowering` runs as on this backend ('auto' resolved, as `layers` resolves it;
+  on CPU inference picks per layer by map size)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  if lowering == 'auto' and mode != 'train' and jax.default_backend() == 'cpu':
+    return (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
+            'else block_diagonal')
+  return layers.resolve_lowering(lowering)
+
+
 def _cost(program) -> dict:
   """XLA's own estimate of one call's floating-point operations and bytes accessed (summed
   over the program's operations), or {} where the backend gives none."""
@@ -213,6 +224,7 @@ def run(args) -> dict:
       'model_flops': model_flops(model, args.mode, args.batch_size),
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
+      'conv_lowering_used': lowering_used(config.model.conv_lowering, args.mode),
       'deterministic': bool(config.get('deterministic', True)),
       'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

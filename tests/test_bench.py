@@ -35,6 +35,9 @@ def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   from condensenet_jax import flops, train  # pylint: disable=g-import-not-at-top
   model = train.build_model(bench.load_config(tiny_config), num_classes=10)
   assert result['model_flops'] == 3 * 2 * flops.count(model, 32)[0] * 8
+  import jax  # pylint: disable=g-import-not-at-top
+  assert result['conv_lowering'] == 'auto' and result['conv_lowering_used'] == (
+      'grouped' if jax.default_backend() == 'tpu' else 'block_diagonal')
 
 
 def test_model_flops_are_the_papers_count_times_three_for_training():
@@ -53,6 +56,12 @@ def test_inference_modes(tiny_config, mode, model):
                        '--steps', '1', '--dtype', 'bfloat16'])
   assert result['mode'] == mode and result['model'] == model
   assert result['dtype'] == 'bfloat16' and result['img_per_s'] > 0
+  import jax  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':  # per layer, by map size
+    assert result['conv_lowering_used'].startswith('per_group on maps of at most 256 pixels')
+  else:
+    assert result['conv_lowering_used'] == layers.resolve_lowering('auto')
 
 
 def test_module_entry_point_prints_json_last(tiny_config):
