@@ -125,6 +125,11 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
   return jnp.concatenate([_conv(a, b, strides, padding) for a, b in zip(xs, ks)], axis=-1)
 
 
+def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
+  """`x[..., index]`: the kept channels of an NHWC activation."""
+  return jnp.take(x, index, axis=-1)
+
+
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   """Group-major channel order `g * (C/G) + k` -> interleaved order `k * G + g`."""
   c = x.shape[-1]
@@ -316,7 +321,7 @@ class CondensedConv(nn.Module):
     lowering = resolve_lowering(self.conv_lowering, _pixels(x, train))
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
-    x = norm(jnp.take(x, index.value, axis=-1))  # [n, h, w, kept]
+    x = norm(take_channels(x, index.value))  # [n, h, w, kept]
     if lowering == 'block_diagonal':
       # One dense matmul whose columns come out already shuffled (no pass over the output).
       return jnp.dot(x, block_diagonal(kernel, self.groups)[0, 0][:, shuffle_order(
@@ -335,7 +340,7 @@ class CondensedConv(nn.Module):
     outputs = []
     for g in range(self.groups):
       s = slice(g * per_in, (g + 1) * per_in)
-      h = norm.normalize(jnp.take(x, index[s], axis=-1), mul[s], stats['mean'][s],
+      h = norm.normalize(take_channels(x, index[s]), mul[s], stats['mean'][s],
                          params['bias'][s])
       outputs.append(jnp.dot(h, kernel[0, 0, :, g * per_out:(g + 1) * per_out]))
     return jnp.stack(outputs, axis=-1).reshape(x.shape[:-1] + (self.features,))
@@ -352,5 +357,5 @@ class CondensedLinear(nn.Module):
     index = self.variable('indices', 'index', jnp.zeros, (self.kept,), jnp.int32)
     kernel = self.param('kernel', linear_init, (self.kept, self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    x = jnp.take(x, index.value, axis=-1)
+    x = take_channels(x, index.value)
     return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)

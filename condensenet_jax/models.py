@@ -71,7 +71,8 @@ class LayerSpec:
 
 
 class DenseLayer(nn.Module):
-  """conv_1 (1x1, bottleneck * growth) -> conv_2 (3x3 group conv, growth) -> concat."""
+  """conv_1 (1x1, bottleneck * growth) -> conv_2 (3x3 group conv, growth): the layer's new
+  features, which `DenseBlock` appends to its input."""
   growth: int
   spec: LayerSpec
 
@@ -87,20 +88,45 @@ class DenseLayer(nn.Module):
                                s.conv_lowering, s.bn_axis_name, name='conv_1')(x, train)
     else:
       y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train)
-    y = s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
-    return jnp.concatenate([x, y], axis=-1)  # [n, h, w, in + growth]
+    return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
+
+
+def preallocate_dense_blocks(train: bool, backend: Optional[str] = None) -> bool:
+  """Whether a dense block writes each layer's features into one preallocated buffer
+  (in place) instead of concatenating them onto a growing copy of its input.
+
+  Concatenation copies the whole block input at every layer, which is quadratic in the number
+  of layers. The buffer is written once and each layer reads its prefix in place. On CPU in eval
+  mode it was faster (CondenseNet-86 at batch 256, one process, alternating: condensed
+  inference 1450-1782 vs 1919-2002 ms, masked 1623-1972 vs 1665-2122 ms). In training it was
+  slower (3817-4276 vs 3417-3896 ms a step at batch 64): the gradient of the buffer is a pass
+  over the whole block width at every layer, more than the gradient of the concatenations.
+  Other backends keep concatenation: the buffer has not been measured there.
+  """
+  return not train and (backend or jax.default_backend()) == 'cpu'
 
 
 class DenseBlock(nn.Module):
+  """`num_layers` dense layers, each reading all the features before it."""
   num_layers: int
   growth: int
   spec: LayerSpec
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    layer = lambda l: DenseLayer(self.growth, self.spec, name=f'denselayer_{l}')
+    if not preallocate_dense_blocks(train):
+      for l in range(1, self.num_layers + 1):
+        x = jnp.concatenate([x, layer(l)(x, train)], axis=-1)  # [n, h, w, in + growth]
+      return x
+    channels = x.shape[-1]
+    features = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.num_layers * self.growth)])
     for l in range(1, self.num_layers + 1):
-      x = DenseLayer(self.growth, self.spec, name=f'denselayer_{l}')(x, train)
-    return x
+      y = layer(l)(features[..., :channels], train)
+      features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
+                                                     channels, axis=-1)
+      channels += self.growth
+    return features
 
 
 def _stem(module, x):

@@ -1,5 +1,7 @@
 """Tests for condensenet_jax.models: structure, initialization, variants, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,47 @@ def test_lowerings_give_the_same_condensed_model():
     for lowering in ('auto', 'block_diagonal', 'per_group'):
       actual = jax.jit(small.clone(conv_lowering=lowering).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_preallocated_dense_blocks_rule():
+  assert models.preallocate_dense_blocks(train=False, backend='cpu')
+  assert not models.preallocate_dense_blocks(train=True, backend='cpu')
+  for backend in ('gpu', 'tpu'):
+    assert not models.preallocate_dense_blocks(train=False, backend=backend)
+
+
+@pytest.mark.parametrize('form', ['learned', 'condensed', 'bfloat16'])
+def test_preallocated_dense_blocks_give_the_same_model(form, monkeypatch):
+  """Eval mode with the features written into one buffer is the concatenating model: bit for
+  bit in float32 (training and condensed forms); in bfloat16 XLA may round a few values of
+  the two programs one bfloat16 step apart."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  model = models.CondenseNetTiny(dtype=jnp.bfloat16 if form == 'bfloat16' else jnp.float32)
+  variables = models.init_variables(model, seed=1)
+  if form == 'condensed':
+    masks = variables['masks']
+    for _ in range(model.condense_factor - 1):
+      masks = condense.condense_event(variables['params'], masks, model)
+    model, variables = condense.export(model, {**variables, 'masks': masks})
+  outputs = {}
+  for preallocate in (False, True):
+    monkeypatch.setattr(models, 'preallocate_dense_blocks',
+                        lambda train, backend=None, p=preallocate: p and not train)
+    apply = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+                                             mutable=['intermediates']))
+    logits, state = apply(variables, x)
+    blocks = {name: value['__call__'][0] for name, value in state['intermediates'].items()
+              if name.startswith('denseblock_')}
+    outputs[preallocate] = logits, blocks
+  (logits, blocks), (expected_logits, expected_blocks) = outputs[True], outputs[False]
+  assert sorted(blocks) == ['denseblock_1', 'denseblock_2', 'denseblock_3']
+  same = (np.testing.assert_array_equal if form != 'bfloat16' else
+          functools.partial(np.testing.assert_allclose, rtol=2**-6, atol=2**-6))
+  for name, value in blocks.items():
+    assert value.shape == expected_blocks[name].shape
+    same(np.asarray(value, np.float32), np.asarray(expected_blocks[name], np.float32))
+  same(logits, expected_logits)
+  assert np.abs(np.asarray(logits)).max() > 0
 
 
 def test_bfloat16_keeps_float32_params():
