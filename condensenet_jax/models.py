@@ -96,12 +96,14 @@ def preallocate_dense_blocks(train: bool, backend: Optional[str] = None) -> bool
   (in place) instead of concatenating them onto a growing copy of its input.
 
   Concatenation copies the whole block input at every layer, which is quadratic in the number
-  of layers. The buffer is written once and each layer reads its prefix in place. On CPU in eval
-  mode it was faster (CondenseNet-86 at batch 256, one process, alternating: condensed
-  inference 1450-1782 vs 1919-2002 ms, masked 1623-1972 vs 1665-2122 ms). In training it was
-  slower (3817-4276 vs 3417-3896 ms a step at batch 64): the gradient of the buffer is a pass
-  over the whole block width at every layer, more than the gradient of the concatenations.
-  Other backends keep concatenation: the buffer has not been measured there.
+  of layers. The buffer is written once and each layer reads its prefix in place. On CPU in
+  eval mode (CondenseNet-86, batch 256, chunks of 32) this took the concatenations from 311 to
+  76 ms of a condensed-inference step, while the gathers that read the buffer went from 552 to
+  647 ms; the two programs alternating in one process took a median 1895 vs 2066 ms a step
+  (condensed) and 1860 vs 1934 ms (masked). In training it was slower (3817-4276 vs 3417-3896
+  ms a step at batch 64): the gradient of the buffer is a pass over the whole block width at
+  every layer, more than the gradients of the concatenations. Other backends keep
+  concatenation: the buffer has not been measured there.
   """
   return not train and (backend or jax.default_backend()) == 'cpu'
 
