@@ -56,6 +56,9 @@ def parse_args(argv=None, parser=None, **defaults):
                       help="compute dtype (default: the config's)")
   parser.add_argument('--conv-lowering', default=None,
                       help="config.model.conv_lowering (default: the config's, 'auto')")
+  parser.add_argument('--dense-blocks', default=None,
+                      help="config.model.dense_blocks: 'concatenate' or 'preallocate' "
+                           "(default: the config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
   parser.add_argument('--deterministic', choices=('true', 'false'), default=None,
@@ -154,6 +157,8 @@ def prepare(args) -> Prepared:
     config.dtype = args.dtype
   if args.conv_lowering:
     config.model.conv_lowering = args.conv_lowering
+  if args.dense_blocks:
+    config.model.dense_blocks = args.dense_blocks
   if args.mode == 'train' and not config.group_lasso:
     config.group_lasso = args.group_lasso
   if args.deterministic is not None:
@@ -208,7 +213,7 @@ def run(args) -> dict:
   """Compiles, warms up and times `args.steps` steps; the figures as a dict."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import models, train  # pylint: disable=g-import-not-at-top
   prepared = prepare(args)
   config, model, eval_model = prepared.config, prepared.model, prepared.eval_model
   cost = _cost(prepared.program)
@@ -225,6 +230,9 @@ def run(args) -> dict:
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
       'conv_lowering_used': lowering_used(config.model.conv_lowering, args.mode),
+      'dense_blocks': model.dense_blocks,
+      'dense_blocks_used': models.resolve_dense_blocks(model.dense_blocks,
+                                                       train=args.mode == 'train'),
       'deterministic': bool(config.get('deterministic', True)),
       'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

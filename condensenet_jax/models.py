@@ -62,6 +62,7 @@ class LayerSpec:
   dtype: Any = jnp.float32
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
+  dense_blocks: str = 'auto'
 
   def conv(self, features: int, kernel_size: int, groups: int, name: str, padding: int = 0):
     """A BN-ReLU-conv block (`layers.Conv`) with this spec's dtype, lowering and BN axis."""
@@ -91,9 +92,14 @@ class DenseLayer(nn.Module):
     return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
 
 
-def preallocate_dense_blocks(train: bool, backend: Optional[str] = None) -> bool:
-  """Whether a dense block writes each layer's features into one preallocated buffer
-  (in place) instead of concatenating them onto a growing copy of its input.
+DENSE_BLOCK_FORMS = ('concatenate', 'preallocate')
+
+
+def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] = None) -> str:
+  """How a dense block collects its layers' features: 'concatenate' (each layer's new features
+  are concatenated onto a copy of everything before them) or 'preallocate' (one buffer of the
+  block's final width, into which each layer writes its features in place). The two compute
+  the same function. 'auto' picks 'preallocate' in eval mode on CPU, 'concatenate' otherwise.
 
   Concatenation copies the whole block input at every layer, which is quadratic in the number
   of layers. The buffer is written once and each layer reads its prefix in place. On CPU in
@@ -103,9 +109,15 @@ def preallocate_dense_blocks(train: bool, backend: Optional[str] = None) -> bool
   (condensed) and 1860 vs 1934 ms (masked). In training it was slower (3817-4276 vs 3417-3896
   ms a step at batch 64): the gradient of the buffer is a pass over the whole block width at
   every layer, more than the gradients of the concatenations. Other backends keep
-  concatenation: the buffer has not been measured there.
+  concatenation: the buffer has not been measured there (`benchmarks.bench --dense-blocks`).
   """
-  return not train and (backend or jax.default_backend()) == 'cpu'
+  if dense_blocks == 'auto':
+    cpu = (backend or jax.default_backend()) == 'cpu'
+    return 'preallocate' if cpu and not train else 'concatenate'
+  if dense_blocks not in DENSE_BLOCK_FORMS:
+    raise ValueError(f'dense_blocks={dense_blocks!r} is not one of '
+                     f"{('auto',) + DENSE_BLOCK_FORMS}.")
+  return dense_blocks
 
 
 class DenseBlock(nn.Module):
@@ -117,7 +129,7 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     layer = lambda l: DenseLayer(self.growth, self.spec, name=f'denselayer_{l}')
-    if not preallocate_dense_blocks(train):
+    if resolve_dense_blocks(self.spec.dense_blocks, train) == 'concatenate':
       for l in range(1, self.num_layers + 1):
         x = jnp.concatenate([x, layer(l)(x, train)], axis=-1)  # [n, h, w, in + growth]
       return x
@@ -175,6 +187,7 @@ class CondenseNet(nn.Module):
   dtype: Any = jnp.float32
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
+  dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
 
   layer_kind = 'learned'
 
@@ -188,6 +201,7 @@ class CondenseNet(nn.Module):
       raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
                        'equal length (one growth rate per dense block).')
     stem_geometry(self.stem)
+    resolve_dense_blocks(self.dense_blocks, train=False)
     for b, l, in_channels, k in dense_layer_inputs(self.stages, self.growth):
       where = f'denseblock_{b}/denselayer_{l}'
       width = self.bottleneck * k
@@ -211,7 +225,7 @@ class CondenseNet(nn.Module):
   def layer_spec(self) -> LayerSpec:
     return LayerSpec(self.layer_kind, self.bottleneck, self.group_1x1, self.group_3x3,
                      self.condense_factor, self.dropout_rate, self.dtype, self.conv_lowering,
-                     self.bn_axis_name)
+                     self.bn_axis_name, self.dense_blocks)
 
   def classifier(self, x):
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
@@ -288,6 +302,7 @@ class DenseNet(nn.Module):
   dtype: Any = jnp.float32
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
+  dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
 
   def __post_init__(self):
     _as_tuple(self, 'stages', 'growth')
@@ -295,7 +310,7 @@ class DenseNet(nn.Module):
 
   def layer_spec(self) -> LayerSpec:
     return LayerSpec('plain', self.bottleneck, self.group_1x1, self.group_3x3, 1, 0.0,
-                     self.dtype, self.conv_lowering, self.bn_axis_name)
+                     self.dtype, self.conv_lowering, self.bn_axis_name, self.dense_blocks)
 
   def block_channels(self):
     """Yields `(block, in_channels, out_channels_after_transition_or_None)` per dense block."""

@@ -65,6 +65,7 @@ def build_model(config, num_classes: int):
   common = dict(stages=tuple(m.stages), growth=tuple(m.growth), bottleneck=m.bottleneck,
                 group_1x1=m.group_1x1, group_3x3=m.group_3x3, num_classes=num_classes,
                 stem=m.stem, dtype=compute_dtype(config), conv_lowering=m.conv_lowering,
+                dense_blocks=m.get('dense_blocks', 'auto'),
                 bn_axis_name=AXIS if config.sync_batch_stats else None)
   if m.name == 'CondenseNet':
     return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
@@ -238,7 +239,7 @@ def _model_fields(model) -> dict[str, Any]:
                    else list(getattr(model, f.name)))
           for f in dataclasses.fields(model)
           if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
-                                       'bn_axis_name')}
+                                       'dense_blocks', 'bn_axis_name')}
 
 
 @dataclasses.dataclass

@@ -60,4 +60,5 @@ def get_config():
   config.model.reduction = 0.5    # DenseNet transitions only
   config.model.stem = 'cifar'
   config.model.conv_lowering = 'auto'
+  config.model.dense_blocks = 'auto'  # 'concatenate' or 'preallocate'; 'auto': by backend
   return config

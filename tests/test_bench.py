@@ -38,6 +38,7 @@ def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   import jax  # pylint: disable=g-import-not-at-top
   assert result['conv_lowering'] == 'auto' and result['conv_lowering_used'] == (
       'grouped' if jax.default_backend() == 'tpu' else 'block_diagonal')
+  assert result['dense_blocks'] == 'auto' and result['dense_blocks_used'] == 'concatenate'
 
 
 def test_model_flops_are_the_papers_count_times_three_for_training():
@@ -62,6 +63,17 @@ def test_inference_modes(tiny_config, mode, model):
     assert result['conv_lowering_used'].startswith('per_group on maps of at most 256 pixels')
   else:
     assert result['conv_lowering_used'] == layers.resolve_lowering('auto')
+  assert result['dense_blocks_used'] == (
+      'preallocate' if jax.default_backend() == 'cpu' else 'concatenate')
+
+
+def test_dense_blocks_flag(tiny_config):
+  result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size', '4',
+                       '--steps', '1', '--dense-blocks', 'concatenate'])
+  assert result['dense_blocks'] == result['dense_blocks_used'] == 'concatenate'
+  with pytest.raises(ValueError, match="dense_blocks='fast'"):
+    bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size', '4',
+                '--steps', '1', '--dense-blocks', 'fast'])
 
 
 def test_module_entry_point_prints_json_last(tiny_config):
@@ -125,9 +137,12 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
       # An explicit lowering (the 'lowerings' group) is listed but never paired.
       _row('ours', 'train', 64, 5000.0, dtype='float32', deterministic=True,
            conv_lowering='per_group'),
+      _row('ours', 'infer_condensed', 1024, 90000.0, dtype='float32',
+           dense_blocks='preallocate'),
   ]
   text = suite.table(results)
   assert '| ours | train | 64 | float32, per_group | 5000.0 |' in text
+  assert '| ours | infer_condensed | 1024 | float32, preallocate | 90000.0 |' in text
   # The paper setting compares our default (deterministic) float32 step with eager float32.
   assert 'float32 at the paper batch (ours, deterministic / official eager): 300.0 / 100.0 ' \
          'img/s = 3.00x' in text
@@ -142,11 +157,13 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
 
 
 def test_suite_lowerings_group_times_each_explicit_lowering():
-  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import layers, models  # pylint: disable=g-import-not-at-top
   jobs = suite.plan(suite.parse_args(['--quick']))['lowerings']
-  named = [job[job.index('--conv-lowering') + 1] for job in jobs]
-  assert sorted(set(named)) == sorted(layers.LOWERINGS)
-  assert len(jobs) == 2 * len(layers.LOWERINGS)
+  named = [job[job.index('--conv-lowering') + 1] for job in jobs if '--conv-lowering' in job]
+  assert sorted(named) == sorted(2 * layers.LOWERINGS)
+  forms = [job[job.index('--dense-blocks') + 1] for job in jobs if '--dense-blocks' in job]
+  assert sorted(forms) == sorted(2 * models.DENSE_BLOCK_FORMS)
+  assert len(jobs) == len(named) + len(forms)
   assert {job[1] for job in jobs} == {'train', 'infer_condensed'}
   assert 'lowerings' not in suite.parse_args([]).groups  # only when asked for
 

@@ -122,15 +122,24 @@ def test_lowerings_give_the_same_condensed_model():
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_preallocated_dense_blocks_rule():
-  assert models.preallocate_dense_blocks(train=False, backend='cpu')
-  assert not models.preallocate_dense_blocks(train=True, backend='cpu')
+def test_dense_blocks_rule():
+  resolve = models.resolve_dense_blocks
+  assert resolve('auto', train=False, backend='cpu') == 'preallocate'
+  assert resolve('auto', train=True, backend='cpu') == 'concatenate'
   for backend in ('gpu', 'tpu'):
-    assert not models.preallocate_dense_blocks(train=False, backend=backend)
+    assert resolve('auto', train=False, backend=backend) == 'concatenate'
+  for form in models.DENSE_BLOCK_FORMS:
+    for train in (False, True):
+      assert resolve(form, train=train, backend='gpu') == form
+  with pytest.raises(ValueError, match="dense_blocks='buffer' is not one of"):
+    resolve('buffer', train=False)
+  with pytest.raises(ValueError, match="dense_blocks='buffer'"):
+    models.CondenseNetTiny(dense_blocks='buffer').init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 
 
 @pytest.mark.parametrize('form', ['learned', 'condensed', 'bfloat16'])
-def test_preallocated_dense_blocks_give_the_same_model(form, monkeypatch):
+def test_dense_block_forms_give_the_same_model(form):
   """Eval mode with the features written into one buffer is the concatenating model: bit for
   bit in float32 (training and condensed forms); in bfloat16 XLA may round a few values of
   the two programs one bfloat16 step apart."""
@@ -143,16 +152,15 @@ def test_preallocated_dense_blocks_give_the_same_model(form, monkeypatch):
       masks = condense.condense_event(variables['params'], masks, model)
     model, variables = condense.export(model, {**variables, 'masks': masks})
   outputs = {}
-  for preallocate in (False, True):
-    monkeypatch.setattr(models, 'preallocate_dense_blocks',
-                        lambda train, backend=None, p=preallocate: p and not train)
-    apply = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
-                                             mutable=['intermediates']))
+  for dense_blocks in models.DENSE_BLOCK_FORMS:
+    apply = jax.jit(lambda v, x, m=model.clone(dense_blocks=dense_blocks): m.apply(
+        v, x, capture_intermediates=True, mutable=['intermediates']))
     logits, state = apply(variables, x)
     blocks = {name: value['__call__'][0] for name, value in state['intermediates'].items()
               if name.startswith('denseblock_')}
-    outputs[preallocate] = logits, blocks
-  (logits, blocks), (expected_logits, expected_blocks) = outputs[True], outputs[False]
+    outputs[dense_blocks] = logits, blocks
+  (logits, blocks), (expected_logits, expected_blocks) = (outputs['preallocate'],
+                                                          outputs['concatenate'])
   assert sorted(blocks) == ['denseblock_1', 'denseblock_2', 'denseblock_3']
   same = (np.testing.assert_array_equal if form != 'bfloat16' else
           functools.partial(np.testing.assert_allclose, rtol=2**-6, atol=2**-6))
@@ -161,6 +169,28 @@ def test_preallocated_dense_blocks_give_the_same_model(form, monkeypatch):
     same(np.asarray(value, np.float32), np.asarray(expected_blocks[name], np.float32))
   same(logits, expected_logits)
   assert np.abs(np.asarray(logits)).max() > 0
+
+
+def test_dense_block_forms_give_the_same_gradients():
+  """Training with the preallocated buffer (not the default there) computes the same loss,
+  gradients and batch statistics as with concatenation, to float32 rounding."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  model = models.CondenseNetTiny()
+  variables = models.init_variables(model, seed=1)
+  results = []
+  for dense_blocks in models.DENSE_BLOCK_FORMS:
+    m = model.clone(dense_blocks=dense_blocks)
+
+    def loss(params, m=m):
+      logits, updates = m.apply({**variables, 'params': params}, x, train=True,
+                                mutable=['batch_stats'])
+      return jnp.sum(jnp.square(logits)), updates
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params']))
+  ((loss_a, stats_a), grads_a), ((loss_b, stats_b), grads_b) = results
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_a)) > 0
 
 
 def test_bfloat16_keeps_float32_params():
