@@ -108,8 +108,10 @@ def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] 
   647 ms; the two programs alternating in one process took a median 1895 vs 2066 ms a step
   (condensed) and 1860 vs 1934 ms (masked). In training it was slower (3817-4276 vs 3417-3896
   ms a step at batch 64): the gradient of the buffer is a pass over the whole block width at
-  every layer, more than the gradients of the concatenations. Other backends keep
-  concatenation: the buffer has not been measured there (`benchmarks.bench --dense-blocks`).
+  every layer, more than the gradients of the concatenations. (A custom gradient that adds each
+  layer's input gradient in place into the buffer's prefix gave bit-identical training but was
+  slower still: 4266 vs 3838 ms a step.) Other backends keep concatenation: the buffer has not
+  been measured there (`benchmarks.bench --dense-blocks`).
   """
   if dense_blocks == 'auto':
     cpu = (backend or jax.default_backend()) == 'cpu'
