@@ -179,7 +179,7 @@ def _spawn(group: str, command: list, deadline, out: str) -> bool:
   print(f'suite: {group} took {time.monotonic() - start:.0f} s', file=sys.stderr, flush=True)
   if code != 0:
     emit_json({'impl': 'official-pytorch' if group == 'official' else 'ours', 'group': group,
-           'args': command[3:], 'error': f'the process exited with code {code}'}, out)
+               'args': command[3:], 'error': f'the process exited with code {code}'}, out)
     return False
   return True
 
