@@ -193,9 +193,7 @@ def prepare(args) -> Prepared:
         raise SystemExit(f'error: --mode infer_condensed needs a CondenseNet config, not '
                          f'{type(model).__name__}')
       host = jax.device_get(variables)
-      masks = host['masks']
-      for _ in range(model.condense_factor - 1):
-        masks = condense.condense_event(host['params'], masks, model)
+      masks = condense.condense_all(host['params'], host['masks'], model)
       eval_model, small = condense.export(model, {**host, 'masks': masks},
                                           classifier_keep=config.classifier_keep)
       variables = train._replicate(small, NamedSharding(run_.mesh, P()))  # pylint: disable=protected-access

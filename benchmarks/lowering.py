@@ -33,9 +33,7 @@ def _time(fn, *args, repeats):
 
 def _condensed(model):
   variables = models.init_variables(model, seed=0)
-  masks = variables['masks']
-  for _ in range(model.condense_factor - 1):
-    masks = condense.condense_event(variables['params'], masks, model)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
   return condense.export(model, {**variables, 'masks': masks})
 
 

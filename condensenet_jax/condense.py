@@ -172,6 +172,14 @@ def condense_event(params, masks, model):
   return _condense_event(params, masks, c)
 
 
+def condense_all(params, masks, model):
+  """All C-1 condensing events in a row with the same weights (no training between them): the
+  masks `export` needs, e.g. to time or check the condensed form of a model as it stands."""
+  for _ in range(model.condense_factor - 1):
+    masks = condense_event(params, masks, model)
+  return masks
+
+
 def condensed_layers(masks, model) -> dict[str, int]:
   """`{layer path: condensing events its mask shows}` for concrete masks."""
   out = {}

@@ -161,8 +161,8 @@ def test_condense_event_ignores_weights_already_masked():
 def test_condense_event_refuses_a_fully_condensed_layer():
   params, masks = _one_layer(np.ones((8, 4)), np.ones((8, 2)))
   model = _C(4)
-  for _ in range(3):
-    masks = condense.condense_event(params, masks, model)
+  masks = condense.condense_all(params, masks, model)  # the 3 events in a row
+  assert condense.condensed_layers(masks, model) == {'block/conv_1': 3}
   with pytest.raises(ValueError, match=r'block/conv_1 has already had all 3 condensing events'):
     condense.condense_event(params, masks, model)
 

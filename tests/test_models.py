@@ -111,9 +111,7 @@ def test_lowerings_give_the_same_condensed_model():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   model = models.CondenseNetTiny()
   variables = models.init_variables(model, seed=1)
-  masks = variables['masks']
-  for _ in range(model.condense_factor - 1):
-    masks = condense.condense_event(variables['params'], masks, model)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
   small, small_vars = condense.export(model, {**variables, 'masks': masks})
   with jax.default_matmul_precision('highest'):
     expected = jax.jit(small.clone(conv_lowering='grouped').apply)(small_vars, x)
@@ -147,9 +145,7 @@ def test_dense_block_forms_give_the_same_model(form):
   model = models.CondenseNetTiny(dtype=jnp.bfloat16 if form == 'bfloat16' else jnp.float32)
   variables = models.init_variables(model, seed=1)
   if form == 'condensed':
-    masks = variables['masks']
-    for _ in range(model.condense_factor - 1):
-      masks = condense.condense_event(variables['params'], masks, model)
+    masks = condense.condense_all(variables['params'], variables['masks'], model)
     model, variables = condense.export(model, {**variables, 'masks': masks})
   outputs = {}
   for dense_blocks in models.DENSE_BLOCK_FORMS:
