@@ -114,8 +114,12 @@ def lowering_used(lowering: str, mode: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
   if lowering == 'auto' and mode != 'train' and jax.default_backend() == 'cpu':
-    return (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
+    used = (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
             'else block_diagonal')
+    if mode == 'infer_condensed':
+      used += (f'; condensed 1x1 without gathers on maps of more than '
+               f'{layers.CPU_GATHER_FREE_MIN_PIXELS} pixels')
+    return used
   return layers.resolve_lowering(lowering)
 
 

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from flax import traverse_util
 
-from condensenet_jax import models
+from condensenet_jax import condense, models
 
 
 class Checkpoints:
@@ -98,4 +98,5 @@ def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, di
   model = models.CondensedNet(**{**spec['fields'], **overrides})
   with np.load(paths[1]) as arrays:
     variables = traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep='/')
+  condense.check_gathered_norms(model, variables)
   return model, variables

@@ -255,3 +255,33 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
   small_vars = {c: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(t))
                 for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
   return small, small_vars
+
+
+def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any]) -> None:
+  """Raises ValueError where a condensed layer reads one input channel in several groups with
+  different BN parameters or statistics, if `model` may run without its gathers.
+
+  Conversion copies every kept channel's BN from the one BN of the training form, so all
+  copies of a channel are equal; with `conv_lowering='auto'`, eval mode on CPU relies on that
+  (`layers.gather_free`). Copies can only differ if the condensed form itself was trained.
+  """
+  if model.conv_lowering != 'auto':
+    return
+  params, stats, indices = (traverse_util.flatten_dict(dict(variables[c]))
+                            for c in ('params', 'batch_stats', 'indices'))
+  for key, index in indices.items():
+    path = key[:-1]
+    if path + ('norm', 'scale') not in params:  # the classifier's gather has no BN
+      continue
+    order = np.argsort(np.asarray(index), kind='stable')
+    channels = np.asarray(index)[order]
+    repeated = channels[1:] == channels[:-1]
+    for tree, leaf in ((params, 'scale'), (params, 'bias'), (stats, 'mean'), (stats, 'var')):
+      values = np.asarray(tree[path + ('norm', leaf)])[order]
+      differ = repeated & (values[1:] != values[:-1])
+      if differ.any():
+        raise ValueError(
+            f"{'/'.join(path)} reads input channel {channels[1:][differ][0]} in two groups with "
+            f"different BN {leaf} values, which conversion never makes (was the condensed model "
+            "trained?). Its function is still defined: load it with conv_lowering="
+            "'block_diagonal', which gathers every copy.")

@@ -198,7 +198,9 @@ def load_converted_state_dict(condensed_model: models.CondensedNet,
     raise TypeError('load_converted_state_dict takes a CondensedNet (e.g. '
                     'models.CondensedNet.from_model(model)); use load_state_dict for the '
                     'training form.')
-  return _load(condensed_model, state_dict, condensed=True)
+  variables = _load(condensed_model, state_dict, condensed=True)
+  condense.check_gathered_norms(condensed_model, variables)
+  return variables
 
 
 def load_pth(path: str) -> dict[str, np.ndarray]:

@@ -61,6 +61,8 @@ def test_inference_modes(tiny_config, mode, model):
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
   if jax.default_backend() == 'cpu':  # per layer, by map size
     assert result['conv_lowering_used'].startswith('per_group on maps of at most 256 pixels')
+    gathers = 'condensed 1x1 without gathers on maps of more than 64 pixels'
+    assert (gathers in result['conv_lowering_used']) == (mode == 'infer_condensed')
   else:
     assert result['conv_lowering_used'] == layers.resolve_lowering('auto')
   assert result['dense_blocks_used'] == (

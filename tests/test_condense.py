@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condensenet_jax import condense, models, torch_import
+from condensenet_jax import checkpoint, condense, models, torch_import
 from conftest import max_relative_error, randomize
 
 
@@ -248,3 +248,30 @@ def test_export_keeps_the_classifier_inputs_with_the_largest_l1_norm():
     np.testing.assert_array_equal(small_vars['params']['classifier']['kernel'], kernel[index])
   with pytest.raises(ValueError, match='classifier_keep=0'):
     condense.export(model, variables, classifier_keep=0)
+
+
+def test_gathered_norm_copies_are_checked_where_models_are_read(tmp_path):
+  model = models.CondenseNetTiny()
+  variables = randomize(models.init_variables(model), seed=5)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
+  small, small_vars = condense.export(model, {**variables, 'masks': masks})
+  condense.check_gathered_norms(small, small_vars)  # conversion copies the BN: no error
+  # Make the two copies of a channel that two groups read differ.
+  layer = next(path for path, index in _flat(small_vars['indices']).items()
+               if path[0] != 'classifier' and len(set(index)) < len(index))[:-1]
+  index = _flat(small_vars['indices'])[layer + ('index',)]
+  channel = next(c for c in index if list(index).count(c) > 1)
+  second_copy = np.flatnonzero(index == channel)[1]
+  flat = traverse_util.flatten_dict(jax.tree.map(np.array, small_vars))
+  flat[('params',) + layer + ('norm', 'bias')][second_copy] += 1.0
+  tampered = traverse_util.unflatten_dict(flat)
+  message = (f"{'/'.join(layer)} reads input channel {channel} in two groups with different "
+             "BN bias values")
+  with pytest.raises(ValueError, match=message):
+    condense.check_gathered_norms(small, tampered)
+  condense.check_gathered_norms(small.clone(conv_lowering='block_diagonal'), tampered)
+  checkpoint.save_condensed(str(tmp_path), small, tampered)
+  with pytest.raises(ValueError, match="load it with conv_lowering='block_diagonal'"):
+    checkpoint.load_condensed(str(tmp_path))
+  loaded, _ = checkpoint.load_condensed(str(tmp_path), conv_lowering='block_diagonal')
+  assert loaded.conv_lowering == 'block_diagonal'
