@@ -59,6 +59,9 @@ def parse_args(argv=None, parser=None, **defaults):
   parser.add_argument('--dense-blocks', default=None,
                       help="config.model.dense_blocks: 'concatenate' or 'preallocate' "
                            "(default: the config's, 'auto')")
+  parser.add_argument('--gathers', default=None,
+                      help="config.model.gathers: 'keep' or 'skip' the condensed model's "
+                           "channel gathers (default: the config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
   parser.add_argument('--deterministic', choices=('true', 'false'), default=None,
@@ -114,13 +117,22 @@ def lowering_used(lowering: str, mode: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
   if lowering == 'auto' and mode != 'train' and jax.default_backend() == 'cpu':
-    used = (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
+    return (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
             'else block_diagonal')
-    if mode == 'infer_condensed':
-      used += (f'; condensed 1x1 without gathers on maps of more than '
-               f'{layers.CPU_GATHER_FREE_MIN_PIXELS} pixels')
-    return used
   return layers.resolve_lowering(lowering)
+
+
+def gathers_used(gathers: str, mode: str) -> Optional[str]:
+  """What the condensed model's `gathers` runs as on this backend (None outside
+  infer_condensed)."""
+  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  if mode != 'infer_condensed':
+    return None
+  large, small = (layers.skips_gathers(gathers, pixels, train=False)
+                  for pixels in (1 + layers.CPU_GATHER_FREE_MIN_PIXELS, 1))
+  if large != small:
+    return f'skip on maps of more than {layers.CPU_GATHER_FREE_MIN_PIXELS} pixels, else keep'
+  return 'skip' if large else 'keep'
 
 
 def _cost(program) -> dict:
@@ -163,6 +175,8 @@ def prepare(args) -> Prepared:
     config.model.conv_lowering = args.conv_lowering
   if args.dense_blocks:
     config.model.dense_blocks = args.dense_blocks
+  if args.gathers:
+    config.model.gathers = args.gathers
   if args.mode == 'train' and not config.group_lasso:
     config.group_lasso = args.group_lasso
   if args.deterministic is not None:
@@ -235,6 +249,8 @@ def run(args) -> dict:
       'dense_blocks': model.dense_blocks,
       'dense_blocks_used': models.resolve_dense_blocks(model.dense_blocks,
                                                        train=args.mode == 'train'),
+      'gathers': getattr(model, 'gathers', None),
+      'gathers_used': gathers_used(getattr(model, 'gathers', 'keep'), args.mode),
       'deterministic': bool(config.get('deterministic', True)),
       'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

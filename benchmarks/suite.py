@@ -20,8 +20,9 @@ apply and memory is returned):
   profile     `benchmarks.op_profile` of the float32 training step at batch 64: the time per
               category of XLA operation (convolution, dot, transpose, elementwise, ...);
   lowerings   (only when asked for) the float32 training step and condensed inference under
-              each explicit `conv_lowering` and each explicit `dense_blocks` form, to check
-              what 'auto' picks on this backend.
+              each explicit `conv_lowering` and each explicit `dense_blocks` form, and
+              condensed inference with each explicit `gathers` form, to check what 'auto'
+              picks on this backend.
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
 so a run cut short (`--budget` seconds for the whole suite) keeps what it measured; a child
@@ -98,12 +99,13 @@ def plan(args) -> dict:
   official = [o + steps for o in official]
   profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
               '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
-  from condensenet_jax.layers import LOWERINGS  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.layers import GATHER_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
   from condensenet_jax.models import DENSE_BLOCK_FORMS  # pylint: disable=g-import-not-at-top
   checked = (train(small, 'float32'), infer('infer_condensed', 'float32'))
   lowerings = ([job + ['--conv-lowering', lowering] for lowering in LOWERINGS for job in checked]
                + [job + ['--dense-blocks', form] for form in DENSE_BLOCK_FORMS
-                  for job in checked])
+                  for job in checked]
+               + [checked[1] + ['--gathers', form] for form in GATHER_FORMS])
   return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile,
           'lowerings': lowerings}
 
@@ -193,7 +195,9 @@ def _precision(r: dict) -> str:
   if r['impl'] == 'official-pytorch':
     return ('bf16 autocast' if r.get('bf16') else 'float32') + (
         ' + channels_last' if r.get('channels_last') else '')
-  explicit = [r[k] for k in ('conv_lowering', 'dense_blocks') if r.get(k, 'auto') != 'auto']
+  explicit = [f'gathers {r[k]}' if k == 'gathers' else r[k]
+              for k in ('conv_lowering', 'dense_blocks', 'gathers')
+              if r.get(k) not in (None, 'auto')]
   return r.get('dtype', '') + ('' if r.get('deterministic', True) else ', deterministic off') + (
       ''.join(f', {e}' for e in explicit))
 
@@ -249,7 +253,8 @@ def ratios(results: list) -> list:
   def pick(impl, mode, batch=None, **want):
     rows = [r for r in results if r.get('impl') == impl and r.get('mode') == mode
             and 'error' not in r and (batch is None or r['batch_size'] == batch)
-            and r.get('conv_lowering', 'auto') == r.get('dense_blocks', 'auto') == 'auto'
+            and all(r.get(k) in (None, 'auto') for k in ('conv_lowering', 'dense_blocks',
+                                                          'gathers'))
             and all(r.get(k) == v for k, v in want.items())]
     return max(rows, key=lambda r: r['img_per_s']) if rows else None
 

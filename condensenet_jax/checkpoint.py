@@ -86,7 +86,7 @@ def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, di
   """Reads a condensed model written at the end of training (`workdir/condensed`).
 
   Returns `(model, variables)`; `model.apply(variables, images_nhwc)` gives logits. Keyword
-  `overrides` set model fields such as `dtype`, `conv_lowering` or `dense_blocks`.
+  `overrides` set model fields such as `dtype`, `conv_lowering`, `dense_blocks` or `gathers`.
   """
   paths = [os.path.join(directory, f) for f in ('model.json', 'variables.npz')]
   missing = [p for p in paths if not os.path.exists(p)]

@@ -262,10 +262,10 @@ def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any
   different BN parameters or statistics, if `model` may run without its gathers.
 
   Conversion copies every kept channel's BN from the one BN of the training form, so all
-  copies of a channel are equal; with `conv_lowering='auto'`, eval mode on CPU relies on that
-  (`layers.gather_free`). Copies can only differ if the condensed form itself was trained.
+  copies of a channel are equal; the gather-free form (`layers.skips_gathers`) relies on that.
+  Copies can only differ if the condensed form itself was trained.
   """
-  if model.conv_lowering != 'auto':
+  if model.gathers == 'keep':
     return
   params, stats, indices = (traverse_util.flatten_dict(dict(variables[c]))
                             for c in ('params', 'batch_stats', 'indices'))
@@ -283,5 +283,5 @@ def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any
         raise ValueError(
             f"{'/'.join(path)} reads input channel {channels[1:][differ][0]} in two groups with "
             f"different BN {leaf} values, which conversion never makes (was the condensed model "
-            "trained?). Its function is still defined: load it with conv_lowering="
-            "'block_diagonal', which gathers every copy.")
+            "trained?). Its function is still defined: load it with gathers='keep', which "
+            "gathers every copy.")

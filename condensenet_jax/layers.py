@@ -65,23 +65,31 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None,
   return lowering
 
 
-# On CPU, in eval mode, condensed 1x1 convolutions over maps of more than this many pixels run
-# without their channel gather (`CondensedConv`); smaller maps keep the per-group form.
+GATHER_FORMS = ('keep', 'skip')
+
+# With gathers='auto', on CPU, in eval mode, condensed 1x1 convolutions over maps of more than
+# this many pixels run without their channel gather (`CondensedConv`); smaller maps keep it.
 CPU_GATHER_FREE_MIN_PIXELS = 64
 
 
-def gather_free(lowering: str, pixels: int, train: bool, backend: Optional[str] = None) -> bool:
+def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str] = None) -> bool:
   """Whether a condensed 1x1 convolution over maps of `pixels` pixels skips its channel gather.
 
-  Only with `lowering='auto'`, in eval mode, on CPU (default backend: JAX's), and on maps of
-  more than `CPU_GATHER_FREE_MIN_PIXELS` pixels. XLA's CPU gathers copy one element at a time;
-  on CondenseNet-86's 32x32 and 16x16 maps, a matmul over all input channels cost less than the
-  gather it replaces, on 8x8 maps the per-group matmuls stayed faster. Elsewhere the gather is
-  kept (not measured on GPU).
+  `gathers`: 'keep'; 'skip' (eval mode only: training always gathers, since the copies of a
+  channel that several groups read get gradients of their own); or 'auto', which skips in
+  eval mode on CPU (`backend`, default: JAX's) on maps of more than
+  `CPU_GATHER_FREE_MIN_PIXELS` pixels. XLA's CPU gathers copy one element at a time; on
+  CondenseNet-86's 32x32 and 16x16 maps a matmul over all input channels cost less than the
+  gather it replaces, on 8x8 maps the per-group gathers and matmuls stayed faster. Other
+  backends keep their gathers under 'auto' until skipping them is measured there.
   """
-  if lowering != 'auto' or train:
+  if gathers not in ('auto',) + GATHER_FORMS:
+    raise ValueError(f'gathers={gathers!r} is not one of {("auto",) + GATHER_FORMS}.')
+  if train:
     return False
-  return (backend or jax.default_backend()) == 'cpu' and pixels > CPU_GATHER_FREE_MIN_PIXELS
+  if gathers == 'auto':
+    return (backend or jax.default_backend()) == 'cpu' and pixels > CPU_GATHER_FREE_MIN_PIXELS
+  return gathers == 'skip'
 
 
 def _pixels(x, train: bool) -> Optional[int]:
@@ -319,8 +327,8 @@ class CondensedConv(nn.Module):
 
   `index` (`'indices'` collection) lists the kept input channels, group after group; the
   kernel is a grouped kernel `(1, 1, kept / groups, out)` whose output channels come out
-  group-major and are shuffled back into the LGC's interleaved order. In eval mode on CPU,
-  large maps skip the gather (`gather_free`), small ones run group by group.
+  group-major and are shuffled back into the LGC's interleaved order. In eval mode the gather
+  can be skipped (`gathers`, see `skips_gathers`).
   """
   features: int
   groups: int
@@ -328,6 +336,7 @@ class CondensedConv(nn.Module):
   dtype: Any = jnp.float32
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
+  gathers: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -336,7 +345,7 @@ class CondensedConv(nn.Module):
     norm = batch_norm_relu(self, train)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
-    if gather_free(self.conv_lowering, x.shape[1] * x.shape[2], train):
+    if skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
       return self._gather_free(x, index.value, norm, kernel)
     # On CPU the map-size rule of spatial convolutions also picks this layer's lowering: per
     # group on small maps (measured faster there in eval mode), block-diagonal on large ones.

@@ -63,6 +63,7 @@ class LayerSpec:
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
   dense_blocks: str = 'auto'
+  gathers: str = 'auto'
 
   def conv(self, features: int, kernel_size: int, groups: int, name: str, padding: int = 0):
     """A BN-ReLU-conv block (`layers.Conv`) with this spec's dtype, lowering and BN axis."""
@@ -86,7 +87,8 @@ class DenseLayer(nn.Module):
                                   s.dtype, s.bn_axis_name, name='conv_1')(x, train)
     elif s.kind == 'condensed':
       y = layers.CondensedConv(width, s.group_1x1, s.condense_factor, s.dtype,
-                               s.conv_lowering, s.bn_axis_name, name='conv_1')(x, train)
+                               s.conv_lowering, s.bn_axis_name, s.gathers,
+                               name='conv_1')(x, train)
     else:
       y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train)
     return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
@@ -190,6 +192,7 @@ class CondenseNet(nn.Module):
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
   dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
+  gathers: str = 'auto'  # the condensed form's channel gathers: see `layers.skips_gathers`
 
   layer_kind = 'learned'
 
@@ -204,6 +207,7 @@ class CondenseNet(nn.Module):
                        'equal length (one growth rate per dense block).')
     stem_geometry(self.stem)
     resolve_dense_blocks(self.dense_blocks, train=False)
+    layers.skips_gathers(self.gathers, 0, train=False)
     for b, l, in_channels, k in dense_layer_inputs(self.stages, self.growth):
       where = f'denseblock_{b}/denselayer_{l}'
       width = self.bottleneck * k
@@ -227,7 +231,7 @@ class CondenseNet(nn.Module):
   def layer_spec(self) -> LayerSpec:
     return LayerSpec(self.layer_kind, self.bottleneck, self.group_1x1, self.group_3x3,
                      self.condense_factor, self.dropout_rate, self.dtype, self.conv_lowering,
-                     self.bn_axis_name, self.dense_blocks)
+                     self.bn_axis_name, self.dense_blocks, self.gathers)
 
   def classifier(self, x):
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,

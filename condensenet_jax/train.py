@@ -69,7 +69,7 @@ def build_model(config, num_classes: int):
                 bn_axis_name=AXIS if config.sync_batch_stats else None)
   if m.name == 'CondenseNet':
     return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
-                              **common)
+                              gathers=m.get('gathers', 'auto'), **common)
   if m.name == 'DenseNet':
     return models.DenseNet(reduction=m.reduction, **common)
   raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet' or 'DenseNet'.")
@@ -239,7 +239,7 @@ def _model_fields(model) -> dict[str, Any]:
                    else list(getattr(model, f.name)))
           for f in dataclasses.fields(model)
           if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
-                                       'dense_blocks', 'bn_axis_name')}
+                                       'dense_blocks', 'gathers', 'bn_axis_name')}
 
 
 @dataclasses.dataclass

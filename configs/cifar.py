@@ -61,4 +61,5 @@ def get_config():
   config.model.stem = 'cifar'
   config.model.conv_lowering = 'auto'
   config.model.dense_blocks = 'auto'  # 'concatenate' or 'preallocate'; 'auto': by backend
+  config.model.gathers = 'auto'  # condensed model: 'keep' or 'skip' its gathers; 'auto': by backend
   return config

@@ -61,12 +61,21 @@ def test_inference_modes(tiny_config, mode, model):
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
   if jax.default_backend() == 'cpu':  # per layer, by map size
     assert result['conv_lowering_used'].startswith('per_group on maps of at most 256 pixels')
-    gathers = 'condensed 1x1 without gathers on maps of more than 64 pixels'
-    assert (gathers in result['conv_lowering_used']) == (mode == 'infer_condensed')
+    assert result['gathers_used'] == ('skip on maps of more than 64 pixels, else keep'
+                                      if mode == 'infer_condensed' else None)
   else:
     assert result['conv_lowering_used'] == layers.resolve_lowering('auto')
   assert result['dense_blocks_used'] == (
       'preallocate' if jax.default_backend() == 'cpu' else 'concatenate')
+
+
+def test_gathers_flag(tiny_config):
+  result = bench.main(['--config', tiny_config, '--mode', 'infer_condensed', '--batch-size',
+                       '4', '--steps', '1', '--gathers', 'keep'])
+  assert result['gathers'] == result['gathers_used'] == 'keep'
+  with pytest.raises(ValueError, match="gathers='never'"):
+    bench.main(['--config', tiny_config, '--mode', 'infer_condensed', '--batch-size', '4',
+                '--steps', '1', '--gathers', 'never'])
 
 
 def test_dense_blocks_flag(tiny_config):
@@ -141,10 +150,12 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
            conv_lowering='per_group'),
       _row('ours', 'infer_condensed', 1024, 90000.0, dtype='float32',
            dense_blocks='preallocate'),
+      _row('ours', 'infer_condensed', 1024, 80000.0, dtype='float32', gathers='skip'),
   ]
   text = suite.table(results)
   assert '| ours | train | 64 | float32, per_group | 5000.0 |' in text
   assert '| ours | infer_condensed | 1024 | float32, preallocate | 90000.0 |' in text
+  assert '| ours | infer_condensed | 1024 | float32, gathers skip | 80000.0 |' in text
   # The paper setting compares our default (deterministic) float32 step with eager float32.
   assert 'float32 at the paper batch (ours, deterministic / official eager): 300.0 / 100.0 ' \
          'img/s = 3.00x' in text
@@ -165,7 +176,11 @@ def test_suite_lowerings_group_times_each_explicit_lowering():
   assert sorted(named) == sorted(2 * layers.LOWERINGS)
   forms = [job[job.index('--dense-blocks') + 1] for job in jobs if '--dense-blocks' in job]
   assert sorted(forms) == sorted(2 * models.DENSE_BLOCK_FORMS)
-  assert len(jobs) == len(named) + len(forms)
+  gathers = [job for job in jobs if '--gathers' in job]
+  assert sorted(job[job.index('--gathers') + 1] for job in gathers) == sorted(
+      layers.GATHER_FORMS)
+  assert {job[1] for job in gathers} == {'infer_condensed'}
+  assert len(jobs) == len(named) + len(forms) + len(gathers)
   assert {job[1] for job in jobs} == {'train', 'infer_condensed'}
   assert 'lowerings' not in suite.parse_args([]).groups  # only when asked for
 

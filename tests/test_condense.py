@@ -269,9 +269,9 @@ def test_gathered_norm_copies_are_checked_where_models_are_read(tmp_path):
              "BN bias values")
   with pytest.raises(ValueError, match=message):
     condense.check_gathered_norms(small, tampered)
-  condense.check_gathered_norms(small.clone(conv_lowering='block_diagonal'), tampered)
+  condense.check_gathered_norms(small.clone(gathers='keep'), tampered)
   checkpoint.save_condensed(str(tmp_path), small, tampered)
-  with pytest.raises(ValueError, match="load it with conv_lowering='block_diagonal'"):
+  with pytest.raises(ValueError, match="load it with gathers='keep'"):
     checkpoint.load_condensed(str(tmp_path))
-  loaded, _ = checkpoint.load_condensed(str(tmp_path), conv_lowering='block_diagonal')
-  assert loaded.conv_lowering == 'block_diagonal'
+  loaded, _ = checkpoint.load_condensed(str(tmp_path), gathers='keep')
+  assert loaded.gathers == 'keep'

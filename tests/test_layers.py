@@ -74,20 +74,22 @@ def test_auto_lowering_on_cpu_depends_on_the_map_size():
   assert layers.resolve_lowering('grouped', small) == 'grouped'
 
 
-def test_gather_free_rule():
-  assert layers.gather_free('auto', 16 * 16, train=False, backend='cpu')
-  assert not layers.gather_free('auto', layers.CPU_GATHER_FREE_MIN_PIXELS, train=False,
-                                backend='cpu')
-  assert not layers.gather_free('auto', 16 * 16, train=True, backend='cpu')
+def test_skips_gathers_rule():
+  rule = layers.skips_gathers
+  assert rule('auto', 16 * 16, train=False, backend='cpu')
+  assert not rule('auto', layers.CPU_GATHER_FREE_MIN_PIXELS, train=False, backend='cpu')
   for backend in ('gpu', 'tpu'):
-    assert not layers.gather_free('auto', 16 * 16, train=False, backend=backend)
-  for lowering in layers.LOWERINGS:
-    assert not layers.gather_free(lowering, 16 * 16, train=False, backend='cpu')
+    assert not rule('auto', 16 * 16, train=False, backend=backend)
+    assert rule('skip', 4, train=False, backend=backend)
+  assert not rule('keep', 16 * 16, train=False, backend='cpu')
+  for gathers in ('auto', 'skip'):  # training always gathers
+    assert not rule(gathers, 16 * 16, train=True, backend='cpu')
+  with pytest.raises(ValueError, match=r"gathers='fold' is not one of \('auto', 'keep', "
+                                       r"'skip'\)"):
+    rule('fold', 16 * 16, train=False)
 
 
 def test_condensed_conv_without_its_gather_is_the_same_function():
-  if jax.default_backend() != 'cpu':
-    pytest.skip('the gather-free form is the CPU one')
   # Channels 0-3 are read by two groups each, channels 12-15 by none.
   index = jnp.array([0, 1, 2, 3, 0, 4, 5, 6, 1, 7, 8, 9, 2, 3, 10, 11], jnp.int32)
   rng = np.random.default_rng(0)
@@ -101,10 +103,12 @@ def test_condensed_conv_without_its_gather_is_the_same_function():
       'batch_stats': {'norm': {'mean': per_channel(-1, 1), 'var': per_channel(0.5, 2)}},
       'indices': {'index': index}}
   with jax.default_matmul_precision('highest'):
-    expected = conv.clone(conv_lowering='block_diagonal').apply(variables, x)
-    actual = conv.apply(variables, x)  # 'auto': 256 pixels, no gather
-  assert layers.gather_free(conv.conv_lowering, 16 * 16, train=False)
+    expected = conv.clone(gathers='keep').apply(variables, x)
+    actual = conv.clone(gathers='skip').apply(variables, x)
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+  # Both forms read the same variables: the gather-free one is not a different model.
+  assert jax.tree.structure(conv.clone(gathers='skip').init(jax.random.PRNGKey(1), x)) == (
+      jax.tree.structure(conv.clone(gathers='keep').init(jax.random.PRNGKey(1), x)))
 
 
 def test_expand_mask_assigns_output_channel_o_to_group_o_mod_g():

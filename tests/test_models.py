@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condensenet_jax import condense, models
+from condensenet_jax import condense, layers, models
+from conftest import randomize
 
 
 def _shapes(model, image_size):
@@ -118,6 +119,22 @@ def test_lowerings_give_the_same_condensed_model():
     for lowering in ('auto', 'block_diagonal', 'per_group'):
       actual = jax.jit(small.clone(conv_lowering=lowering).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_forms_give_the_same_condensed_model():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  model = models.CondenseNetTiny()
+  variables = randomize(models.init_variables(model, seed=2), seed=2)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
+  small, small_vars = condense.export(model, {**variables, 'masks': masks}, classifier_keep=1.0)
+  with jax.default_matmul_precision('highest'):
+    expected = jax.jit(model.apply)({**variables, 'masks': masks}, x)
+    for gathers in ('auto',) + layers.GATHER_FORMS:
+      actual = jax.jit(small.clone(gathers=gathers).apply)(small_vars, x)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5,
+                                 atol=1e-5 * np.abs(expected).max(), err_msg=gathers)
+  with pytest.raises(ValueError, match="gathers='fold'"):
+    small.clone(gathers='fold').apply(small_vars, x)
 
 
 def test_dense_blocks_rule():
