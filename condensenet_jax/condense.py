@@ -273,8 +273,9 @@ def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any
     path = key[:-1]
     if path + ('norm', 'scale') not in params:  # the classifier's gather has no BN
       continue
-    order = np.argsort(np.asarray(index), kind='stable')
-    channels = np.asarray(index)[order]
+    index = np.asarray(index)
+    order = np.argsort(index, kind='stable')
+    channels = index[order]
     repeated = channels[1:] == channels[:-1]
     for tree, leaf in ((params, 'scale'), (params, 'bias'), (stats, 'mean'), (stats, 'var')):
       values = np.asarray(tree[path + ('norm', leaf)])[order]
