@@ -64,6 +64,9 @@ def parse_args(argv=None, parser=None, **defaults):
                            "channel gathers (default: the config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
+  parser.add_argument('--cpu-convolutions', choices=('xla', 'ynnpack'), default=None,
+                      help="config.cpu_convolutions: which kernels run convolutions on a CPU "
+                           "(default: the config's, 'xla')")
   parser.add_argument('--deterministic', choices=('true', 'false'), default=None,
                       help="config.deterministic (default: the config's); it sets XLA's "
                            'deterministic GPU kernels, so it only takes effect in a process '
@@ -181,6 +184,8 @@ def prepare(args) -> Prepared:
     config.group_lasso = args.group_lasso
   if args.deterministic is not None:
     config.deterministic = args.deterministic == 'true'
+  if args.cpu_convolutions:
+    config.cpu_convolutions = args.cpu_convolutions
   # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
   per_epoch = 4
   config.num_epochs = max(config.num_epochs, 8 * (args.steps + args.warmup + 2) // per_epoch)
@@ -251,6 +256,8 @@ def run(args) -> dict:
                                                        train=args.mode == 'train'),
       'gathers': getattr(model, 'gathers', None),
       'gathers_used': gathers_used(getattr(model, 'gathers', 'keep'), args.mode),
+      'cpu_convolutions': config.get('cpu_convolutions', 'xla'),
+      'compiler_options': train.compiler_options(config),
       'deterministic': bool(config.get('deterministic', True)),
       'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

@@ -6,7 +6,8 @@ For each lowering ('grouped', 'block_diagonal', 'per_group') prints the compile 
 median time of the training-form forward pass (train mode: batch statistics), of forward +
 backward (gradient of the summed logits w.r.t. the params), and of condensed-model inference;
 the last line is a JSON object with all figures. The lowering 'auto' picks on this backend is
-marked.
+marked. Programs are compiled with the training run's options (`train.compiler_options`;
+`--cpu-convolutions` as `config.cpu_convolutions`).
 """
 
 import argparse
@@ -14,9 +15,10 @@ import json
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from condensenet_jax import condense, layers, models
+from condensenet_jax import condense, layers, models, train
 
 
 def _time(fn, *args, repeats):
@@ -43,7 +45,11 @@ def main():
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--lowerings', default=','.join(layers.LOWERINGS))
+  parser.add_argument('--cpu-convolutions', choices=train.CPU_CONVOLUTIONS, default='xla')
   args = parser.parse_args()
+  options = train.compiler_options(
+      ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
+  jit = lambda fn: jax.jit(fn, compiler_options=options)
   base = getattr(models, args.model)()
   size = models.default_image_size(base)
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, size, size, 3))
@@ -56,11 +62,11 @@ def main():
   for lowering in args.lowerings.split(','):
     model = base.clone(conv_lowering=lowering)
     small_model = small.clone(conv_lowering=lowering)
-    forward = jax.jit(lambda v, x, m=model: m.apply(v, x, train=True,
-                                                    mutable=['batch_stats'])[0])
-    grad = jax.jit(jax.grad(lambda p, v, x, m=model: m.apply(
+    forward = jit(lambda v, x, m=model: m.apply(v, x, train=True,
+                                                mutable=['batch_stats'])[0])
+    grad = jit(jax.grad(lambda p, v, x, m=model: m.apply(
         {**v, 'params': p}, x, train=True, mutable=['batch_stats'])[0].sum()))
-    infer = jax.jit(small_model.apply)
+    infer = jit(small_model.apply)
     row = {'lowering': lowering, 'auto': lowering == auto}
     row['forward_compile_s'], row['forward_ms'] = _time(forward, variables, x,
                                                         repeats=args.repeats)
@@ -73,7 +79,8 @@ def main():
           f"{row['forward_ms']:8.1f}  forward+backward {row['forward_backward_ms']:8.1f}  "
           f"condensed inference {row['condensed_ms']:8.1f}", flush=True)
   print(json.dumps({'model': args.model, 'batch_size': args.batch_size,
-                    'device': jax.devices()[0].device_kind, 'results': results}))
+                    'device': jax.devices()[0].device_kind, 'compiler_options': options,
+                    'results': results}))
 
 
 if __name__ == '__main__':

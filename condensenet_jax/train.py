@@ -262,6 +262,48 @@ class Run:
   std: tuple
 
 
+CPU_CONVOLUTIONS = ('xla', 'ynnpack')
+
+# XLA's CPU backend (JAX 0.10) hands matrix products, convolutions and reductions to YNNPACK
+# (`xla_cpu_experimental_ynn_fusion_type`). This list keeps the products and reductions there
+# and gives the convolutions back to XLA's own kernels, which ran CondenseNet-86's training step
+# and inference faster on a 2-core x86 CPU (README, Performance).
+_CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
+  """XLA options of the run's compiled programs on `backend` (default: JAX's).
+
+  `config.cpu_convolutions` says which kernels run convolutions on a CPU: 'xla' (default; XLA's
+  own) or 'ynnpack' (what this JAX does by itself). Other backends get no options. A JAX that
+  does not know the option gets none either, with a warning.
+  """
+  if (backend or jax.default_backend()) != 'cpu' or _cpu_convolutions(config) == 'ynnpack':
+    return None
+  return dict(_CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
+
+
+def _cpu_convolutions(config) -> str:
+  choice = config.get('cpu_convolutions', 'xla')
+  if choice not in CPU_CONVOLUTIONS:
+    raise ValueError(f'config.cpu_convolutions={choice!r} is not one of {CPU_CONVOLUTIONS}.')
+  return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_compiler_options_supported() -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        np.float32(0)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f'This JAX does not take the XLA option {_CPU_COMPILER_OPTIONS} ({e}); '
+                  "convolutions run on XLA's default CPU kernels, as with "
+                  "config.cpu_convolutions='ynnpack'.", stacklevel=3)
+    return False
+  return True
+
+
 def validate(config, devices: int) -> None:
   """Checks done before anything is loaded or compiled."""
   if config.dataset not in data.DATASETS:
@@ -275,6 +317,7 @@ def validate(config, devices: int) -> None:
                      f'the {devices} devices; use a multiple of {devices}.')
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs={config.num_epochs} must be positive.')
+  _cpu_convolutions(config)
 
 
 def setup(config, workdir: str, devices=None,
@@ -322,16 +365,17 @@ def setup(config, workdir: str, devices=None,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
+  options = compiler_options(config, devices[0].platform)
   compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                         out_specs=(P(), P()), check_vma=False),
-                          donate_argnums=0)
+                          donate_argnums=0, compiler_options=options)
 
   @functools.lru_cache(maxsize=None)
   def compiled_eval(eval_model):
     fn = functools.partial(eval_step, model=eval_model, mean=mean, std=std,
                            dtype=compute_dtype(config), chunk=eval_chunk(config))
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                                 check_vma=False))
+                                 check_vma=False), compiler_options=options)
 
   return Run(config, workdir, mesh, model, dataset, num_train, per_epoch, total, schedule, tx,
              compiled_step, compiled_eval, traces, mean, std)

@@ -35,6 +35,7 @@ def get_config():
   config.dtype = 'float32'        # or 'bfloat16' (activations; params stay float32)
   config.sync_batch_stats = False  # True: BN batch statistics over all devices
   config.deterministic = True     # GPU: XLA's deterministic kernels (bit-identical reruns)
+  config.cpu_convolutions = 'xla'  # CPU: XLA's own convolution kernels, or 'ynnpack'
 
   config.crop_padding = 4
   config.flip = True

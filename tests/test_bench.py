@@ -78,6 +78,17 @@ def test_gathers_flag(tiny_config):
                 '--steps', '1', '--gathers', 'never'])
 
 
+def test_cpu_convolutions_flag(tiny_config):
+  import jax  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import train  # pylint: disable=g-import-not-at-top
+  on_cpu = jax.default_backend() == 'cpu'
+  for choice, options in (('ynnpack', None),
+                          ('xla', train._CPU_COMPILER_OPTIONS if on_cpu else None)):  # pylint: disable=protected-access
+    result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size',
+                         '4', '--steps', '1', '--cpu-convolutions', choice])
+    assert result['cpu_convolutions'] == choice and result['compiler_options'] == options
+
+
 def test_dense_blocks_flag(tiny_config):
   result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size', '4',
                        '--steps', '1', '--dense-blocks', 'concatenate'])

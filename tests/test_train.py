@@ -4,6 +4,7 @@ compilation across stages, resume, and 4 devices vs 1."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -253,6 +254,52 @@ def test_bfloat16_training_stays_close_to_float32():
     assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b - s) + 1e-6, jax.tree_util.keystr(path)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(low.masks),
                                                   jax.tree.leaves(full.masks)))
+
+
+def _convolutions(hlo: str) -> tuple[int, int]:
+  """The convolutions of a compiled program that XLA runs itself (outside library fusions),
+  and all of them."""
+  library = {re.search(r'calls=%([\w.\-]+)', line).group(1) for line in hlo.splitlines()
+             if '"fusion_config":{"kind":"__' in line and 'calls=%' in line}
+  own, total, inside = 0, 0, False
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%([\w.\-]+) .*\{$', line)
+    if header:
+      inside = header.group(1) in library
+    elif re.search(r'= \S+ convolution\(', line):
+      own, total = own + (not inside), total + 1
+  return own, total
+
+
+def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path):
+  config = tiny(digits_config.get_config())
+  assert config.cpu_convolutions == 'xla'
+  assert train.compiler_options(config, 'gpu') is None
+  config.cpu_convolutions = 'fast'
+  with pytest.raises(ValueError, match=r"cpu_convolutions='fast' is not one of \('xla', "
+                                       r"'ynnpack'\)"):
+    train.setup(config, str(tmp_path))
+  config.cpu_convolutions = 'ynnpack'
+  assert train.compiler_options(config, 'cpu') is None
+  if jax.default_backend() != 'cpu':
+    return
+  config.cpu_convolutions = 'xla'
+  assert train.compiler_options(config) == {
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+  config.batch_size = config.eval_batch_size = 8
+  config.model.growth = (8, 8, 8)  # 3x3 convolutions over 32 channels, as CondenseNet-86's
+  dataset = data.synthetic(config.dataset, num_train=64, num_test=8)
+  run = train.setup(config, str(tmp_path), dataset=dataset)
+  variables = train.initial_state(run).variables()
+  batch = {'image': dataset.test_images, 'label': dataset.test_labels,
+           'valid': np.ones(8, bool)}
+  batch = train._global_batch(run, batch)  # pylint: disable=protected-access
+  hlo = run.eval_step(run.model).lower(variables, batch).compile().as_text()
+  own, total = _convolutions(hlo)
+  # The stem and the 3x3 convolution of each dense layer (per group on the smaller maps), all
+  # on XLA's kernels; YNNPACK would take the first block's (32 input channels).
+  assert own == total >= 4, (own, total)
 
 
 def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
