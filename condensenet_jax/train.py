@@ -279,7 +279,8 @@ def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
   own) or 'ynnpack' (what this JAX does by itself). Other backends get no options. A JAX that
   does not know the option gets none either, with a warning.
   """
-  if (backend or jax.default_backend()) != 'cpu' or _cpu_convolutions(config) == 'ynnpack':
+  choice = _cpu_convolutions(config)
+  if (backend or jax.default_backend()) != 'cpu' or choice == 'ynnpack':
     return None
   return dict(_CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
 

@@ -279,6 +279,8 @@ def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path)
   with pytest.raises(ValueError, match=r"cpu_convolutions='fast' is not one of \('xla', "
                                        r"'ynnpack'\)"):
     train.setup(config, str(tmp_path))
+  with pytest.raises(ValueError, match="cpu_convolutions='fast'"):
+    train.compiler_options(config, 'gpu')  # refused on every backend
   config.cpu_convolutions = 'ynnpack'
   assert train.compiler_options(config, 'cpu') is None
   if jax.default_backend() != 'cpu':
