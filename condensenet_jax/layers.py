@@ -181,6 +181,12 @@ def _channel_axes(x) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1))
 
 
+def batch_stats(x, axis_name=None):
+  """Per-channel batch mean and biased variance of `x` in float32, as `BatchNormReLU`
+  computes them in training (averaged over `axis_name` if set)."""
+  return _batch_stats(x.astype(jnp.float32), axis_name)
+
+
 def _batch_stats(x32, axis_name):
   """Per-channel mean and biased variance (two passes), averaged over `axis_name` if set."""
   axes = _channel_axes(x32)
@@ -193,25 +199,27 @@ def _batch_stats(x32, axis_name):
   return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _bn_relu_train(x, scale, bias, epsilon, axis_name, dtype):
-  return _bn_relu_train_fwd(x, scale, bias, epsilon, axis_name, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _bn_relu_train(x, scale, bias, stats, epsilon, axis_name, dtype):
+  return _bn_relu_train_fwd(x, scale, bias, stats, epsilon, axis_name, dtype)[0]
 
 
-def _bn_relu_train_fwd(x, scale, bias, epsilon, axis_name, dtype):
+def _bn_relu_train_fwd(x, scale, bias, stats, epsilon, axis_name, dtype):
   x32 = x.astype(jnp.float32)
-  mean, var = _batch_stats(x32, axis_name)
+  mean, var = _batch_stats(x32, axis_name) if stats is None else stats
   inv = jax.lax.rsqrt(var + epsilon)
   out = jax.nn.relu((x32 - mean) * (inv * scale) + bias).astype(dtype)
-  return (out, mean, var), (x, out, scale, mean, inv)
+  return (out, mean, var), (x, out, scale, mean, inv, stats)
 
 
 def _bn_relu_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   """The whole BN + ReLU backward: one pass for the two channel sums, one for the input's
   gradient. Only the output's cotangent is used: the batch mean and variance are returned for
-  the running averages, not for a loss."""
+  the running averages, not for a loss. Statistics given by the caller (`stats`) must be the
+  batch statistics of `x`: the gradient returned for `x` includes their dependence on `x`,
+  and they get none of their own."""
   del epsilon, dtype
-  x, out, scale, mean, inv = residuals
+  x, out, scale, mean, inv, stats = residuals
   g = jnp.where(out > 0, cotangents[0].astype(jnp.float32), 0.0)
   x_hat = (x.astype(jnp.float32) - mean) * inv
   axes = _channel_axes(x)
@@ -221,7 +229,8 @@ def _bn_relu_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   if axis_name is not None:  # the statistics were global: so are these means
     mean_g, mean_gx = jax.lax.pmean((mean_g, mean_gx), axis_name)
   d_x = (scale * inv) * (g - mean_g - x_hat * mean_gx)
-  return d_x.astype(x.dtype), d_scale, d_bias
+  d_stats = jax.tree.map(jnp.zeros_like, stats)
+  return d_x.astype(x.dtype), d_scale, d_bias, d_stats
 
 
 _bn_relu_train.defvjp(_bn_relu_train_fwd, _bn_relu_train_bwd)
@@ -236,6 +245,11 @@ class BatchNormReLU(nn.Module):
   (custom VJP): it compiles to fewer kernels than autodiff of the two, and it keeps only the
   input and the output (which the convolution after it keeps anyway). With `axis_name` the
   batch statistics are averaged over that mapped axis (synchronized BN).
+
+  In training, `stats=(mean, var)` may give the batch statistics of `x` (`batch_stats(x)`),
+  computed once by a caller that feeds the same channels to several BNs (a dense block): they
+  are used as they are, and the gradient for `x` still includes the statistics' dependence on
+  it. Eval mode ignores them.
   """
   use_running_average: bool
   momentum: float = 0.9
@@ -244,7 +258,7 @@ class BatchNormReLU(nn.Module):
   axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, stats=None):
     channels = x.shape[-1]
     mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
     var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
@@ -252,8 +266,10 @@ class BatchNormReLU(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     if self.use_running_average:
       return self.normalize(x, self.multiplier(var.value, scale), mean.value, bias)
-    out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, self.epsilon, self.axis_name,
-                                                jnp.dtype(self.dtype))
+    if stats is not None:
+      stats = jax.tree.map(jax.lax.stop_gradient, stats)
+    out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, stats, self.epsilon,
+                                                self.axis_name, jnp.dtype(self.dtype))
     if not self.is_initializing():
       mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
       var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
@@ -286,9 +302,9 @@ class Conv(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stats=None):
     in_channels = x.shape[-1]
-    x = batch_norm_relu(self, train)(x)
+    x = batch_norm_relu(self, train)(x, stats)
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
@@ -313,9 +329,9 @@ class LearnedGroupConv(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stats=None):
     in_channels = x.shape[-1]
-    x = batch_norm_relu(self, train)(x)
+    x = batch_norm_relu(self, train)(x, stats)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)

@@ -79,18 +79,18 @@ class DenseLayer(nn.Module):
   spec: LayerSpec
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stats=None):
     s = self.spec
     width = s.bottleneck * self.growth
     if s.kind == 'learned':
       y = layers.LearnedGroupConv(width, s.group_1x1, s.condense_factor, s.dropout_rate,
-                                  s.dtype, s.bn_axis_name, name='conv_1')(x, train)
+                                  s.dtype, s.bn_axis_name, name='conv_1')(x, train, stats)
     elif s.kind == 'condensed':
       y = layers.CondensedConv(width, s.group_1x1, s.condense_factor, s.dtype,
                                s.conv_lowering, s.bn_axis_name, s.gathers,
                                name='conv_1')(x, train)
     else:
-      y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train)
+      y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train, stats)
     return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
 
 
@@ -133,17 +133,34 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     layer = lambda l: DenseLayer(self.growth, self.spec, name=f'denselayer_{l}')
+    # In training, every layer's first BN normalizes all the features before it with their
+    # batch statistics; a channel's statistics are the same for every layer that reads it, so
+    # they are computed once, when the channel is made, instead of over the whole block input
+    # at every layer (quadratic in the number of layers). The condensed form reads gathered
+    # channels and computes its own.
+    shared = train and self.spec.kind != 'condensed'
+    stats = layers.batch_stats(x, self.spec.bn_axis_name) if shared else None
+
+    def grow(stats, y):
+      if not shared:
+        return None
+      new = layers.batch_stats(y, self.spec.bn_axis_name)
+      return tuple(jnp.concatenate([a, b]) for a, b in zip(stats, new))
+
     if resolve_dense_blocks(self.spec.dense_blocks, train) == 'concatenate':
       for l in range(1, self.num_layers + 1):
-        x = jnp.concatenate([x, layer(l)(x, train)], axis=-1)  # [n, h, w, in + growth]
+        y = layer(l)(x, train, stats)
+        x = jnp.concatenate([x, y], axis=-1)  # [n, h, w, in + growth]
+        stats = grow(stats, y)
       return x
     channels = x.shape[-1]
     features = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.num_layers * self.growth)])
     for l in range(1, self.num_layers + 1):
-      y = layer(l)(features[..., :channels], train)
+      y = layer(l)(features[..., :channels], train, stats)
       features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
                                                      channels, axis=-1)
       channels += self.growth
+      stats = grow(stats, y)
     return features
 
 

@@ -172,19 +172,24 @@ def _bn_inputs(dtype, shape=(8, 5, 5, 12)):
   return x, variables, weight
 
 
-def _loss_and_grads(module, variables, x, weight):
+def _loss_and_grads(module, variables, x, weight, given_stats=False):
+  """With `given_stats`, the module is handed the batch statistics of `x` (as a dense block
+  does) instead of computing them."""
   def loss(params, x):
-    y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    args = (x, layers.batch_stats(x, module.axis_name)) if given_stats else (x,)
+    y, updates = module.apply({**variables, 'params': params}, *args, mutable=['batch_stats'])
     return jnp.sum(y.astype(jnp.float32) * weight), (y, updates['batch_stats'])
   (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
       variables['params'], x)
   return y, stats, grads
 
 
+@pytest.mark.parametrize('given_stats', [False, True])
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
-def test_batch_norm_relu_equals_flax_batch_norm_then_relu(dtype, tol):
+def test_batch_norm_relu_equals_flax_batch_norm_then_relu(dtype, tol, given_stats):
   """Training mode (output, running averages, gradients of x, scale and bias) and eval mode
-  against autodiff of Flax's BatchNorm followed by ReLU."""
+  against autodiff of Flax's BatchNorm followed by ReLU; also when the batch statistics are
+  computed outside and given (the gradient of x must still go through them)."""
   x, variables, weight = _bn_inputs(dtype)
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype,
                          use_fast_variance=False)
@@ -192,7 +197,7 @@ def test_batch_norm_relu_equals_flax_batch_norm_then_relu(dtype, tol):
   ours = layers.BatchNormReLU(use_running_average=False, dtype=dtype)
   wrap = lambda v: {k: {'layers_0': t} for k, t in v.items()}
   y_ref, stats_ref, (dp_ref, dx_ref) = _loss_and_grads(reference, wrap(variables), x, weight)
-  y, stats, (dp, dx) = _loss_and_grads(ours, variables, x, weight)
+  y, stats, (dp, dx) = _loss_and_grads(ours, variables, x, weight, given_stats)
   assert y.dtype == dtype and dx.dtype == dtype
   assert float(jnp.mean(y > 0)) > 0.3  # the ReLU both passes and blocks
   close = lambda a, b: np.testing.assert_allclose(
@@ -208,7 +213,8 @@ def test_batch_norm_relu_equals_flax_batch_norm_then_relu(dtype, tol):
         eval_ref.apply(wrap(variables), x))
 
 
-def test_batch_norm_relu_synchronized_statistics_equal_one_big_batch():
+@pytest.mark.parametrize('given_stats', [False, True])
+def test_batch_norm_relu_synchronized_statistics_equal_one_big_batch(given_stats):
   """With `axis_name`, 4 shards of a batch normalize and differentiate as the whole batch:
   each shard differentiates its part of the loss (as every device does in the train step),
   the parameter gradients add up to the whole batch's."""
@@ -217,7 +223,7 @@ def test_batch_norm_relu_synchronized_statistics_equal_one_big_batch():
   synced = layers.BatchNormReLU(use_running_average=False, axis_name='shards')
   shard = lambda a: a.reshape((4, 4) + a.shape[1:])
   y, stats, (dp, dx) = jax.vmap(
-      lambda x, w: _loss_and_grads(synced, variables, x, w), axis_name='shards')(
+      lambda x, w: _loss_and_grads(synced, variables, x, w, given_stats), axis_name='shards')(
           shard(x), shard(weight))
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
   close(y.reshape(x.shape), whole[0])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from condensenet_jax import condense, layers, models
@@ -253,3 +254,49 @@ def test_condensed_net_from_model_keeps_fields():
   conv_1 = shapes['params']['denseblock_1']['denselayer_1']['conv_1']
   assert conv_1['kernel'].shape == (1, 1, 2, 32)
   assert shapes['indices']['classifier']['index'].shape == (516,)
+
+
+@pytest.mark.parametrize('model', [models.CondenseNetTiny(),
+                                   models.DenseNet(stages=(2, 2), growth=(4, 4))],
+                         ids=['condensenet', 'densenet'])
+def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
+  """In training a dense block hands each layer's first BN the batch statistics of its input,
+  computed once per channel. Loss, gradients and running averages are those of BNs that
+  compute their own statistics (an interceptor drops the given ones), to float32 rounding."""
+  size = models.default_image_size(model)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
+  variables = models.init_variables(model, seed=1)
+  given = []
+
+  def bn_calls(check):
+    def intercept(next_fun, args, kwargs, context):
+      is_call = context.method_name == '__call__'
+      if isinstance(context.module, layers.BatchNormReLU) and is_call and len(args) == 2:
+        inputs, stats = args
+        if stats is None:
+          return next_fun(*args, **kwargs)
+        if check:  # the given statistics are those of the BN's input
+          given.append(inputs.shape[-1])
+          for a, b in zip(stats, layers.batch_stats(inputs)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+          return next_fun(*args, **kwargs)
+        return next_fun(inputs, **kwargs)
+      return next_fun(*args, **kwargs)
+    return nn.intercept_methods(intercept)
+
+  with bn_calls(check=True):
+    model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert len(given) == sum(model.stages)  # every dense layer was handed statistics
+
+  def loss(params):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+    return jnp.sum(jnp.square(logits)), updates
+  grad = jax.value_and_grad(loss, has_aux=True)
+  (loss_a, stats_a), grads_a = grad(variables['params'])
+  with bn_calls(check=False):
+    (loss_b, stats_b), grads_b = grad(variables['params'])
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_a)) > 0
