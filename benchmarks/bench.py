@@ -116,12 +116,12 @@ def model_flops(model, mode: str, batch_size: int) -> Optional[float]:
 
 def lowering_used(lowering: str, mode: str) -> str:
   """What `conv_lowering` runs as on this backend ('auto' resolved, as `layers` resolves it;
-  on CPU inference picks per layer by map size)."""
+  on CPU the condensed model's 1x1 convolutions are picked per layer by map size)."""
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
-  if lowering == 'auto' and mode != 'train' and jax.default_backend() == 'cpu':
-    return (f'per_group on maps of at most {layers.CPU_PER_GROUP_MAX_PIXELS} pixels, '
-            'else block_diagonal')
+  if lowering == 'auto' and mode == 'infer_condensed' and jax.default_backend() == 'cpu':
+    return ('block_diagonal; condensed 1x1 convolutions per_group on maps of at most '
+            f'{layers.CPU_PER_GROUP_MAX_PIXELS} pixels')
   return layers.resolve_lowering(lowering)
 
 

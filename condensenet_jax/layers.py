@@ -27,16 +27,17 @@ linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
 
 
-# On CPU, inference convolutions on maps of at most this many pixels ran fastest split into
-# per-group convolutions, larger maps as one block-diagonal convolution (timed layer by layer
-# for CondenseNet-86's three block sizes: 32x32, 16x16 and 8x8, with YNNPACK's convolution
-# kernels). With XLA's own (`train.compiler_options`), 64 ran the same: condensed inference at
-# batch 256 took 1731 ms a step against 1771 ms with 256, alternating in one process.
+# On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of at most this
+# many pixels run group by group (`CondensedConv._per_group`: per-group gathers and matmuls);
+# on larger maps they skip their gathers (`CPU_GATHER_FREE_MIN_PIXELS`) or run one
+# block-diagonal matmul. With XLA's own convolution kernels (`train.compiler_options`), 64
+# (the 8x8 maps only) ran the same as 256: 1731 against 1771 ms a condensed-inference step at
+# batch 256, alternating in one process.
 CPU_PER_GROUP_MAX_PIXELS = 256
 
 
-def resolve_lowering(lowering: str, pixels: Optional[int] = None,
-                     pointwise: bool = False, backend: Optional[str] = None) -> str:
+def resolve_lowering(lowering: str, pixels: Optional[int] = None, condensed: bool = False,
+                     backend: Optional[str] = None) -> str:
   """Returns the grouped-convolution lowering to use on `backend` (default: JAX's).
 
   'grouped' is XLA's `feature_group_count` convolution (what TPUs run natively);
@@ -48,10 +49,13 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None,
       measured: CondenseNet-86 training 3794 vs 3082 img/s (batch 64, float32) and 11333 vs
       8701 (batch 256, bfloat16); condensed inference at batch 1024 22291 vs 9839 (float32) and
       42397 vs 12765 (bfloat16); 'per_group' was slower in training (2449 img/s);
-    - CPU: 'per_group' for spatial convolutions over maps of at most
-      `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given: the layers pass it in eval mode
-      only) and 'block_diagonal' otherwise (XLA's CPU backend runs grouped convolutions
-      several times slower).
+    - CPU: 'block_diagonal' (XLA's CPU backend runs grouped convolutions several times
+      slower), except 'per_group' for the condensed model's 1x1 convolutions (`condensed`)
+      over maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given: the layer
+      passes it in eval mode only). Spatial convolutions on small maps also ran per group until
+      the run's convolutions moved to XLA's own kernels; with these, block-diagonal 3x3
+      convolutions on every map size took inference at batch 256 from 1932 to 1753 ms a step
+      (masked model) and from 1892 to 1747 ms (condensed), alternating in one process.
   """
   if lowering == 'auto':
     backend = backend or jax.default_backend()
@@ -60,7 +64,7 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None,
     if backend != 'cpu':
       return 'block_diagonal'
     small = pixels is not None and pixels <= CPU_PER_GROUP_MAX_PIXELS
-    return 'per_group' if small and not pointwise else 'block_diagonal'
+    return 'per_group' if small and condensed else 'block_diagonal'
   if lowering not in LOWERINGS:
     raise ValueError(f'conv_lowering={lowering!r} is not one of '
                      f"{('auto',) + LOWERINGS}.")
@@ -95,8 +99,9 @@ def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str]
 
 
 def _pixels(x, train: bool) -> Optional[int]:
-  """The map size the 'auto' rule sees: none in training, where per-group convolutions
-  made the CPU training step compile in 73 s instead of 40 s for a ~10% faster step."""
+  """The map size the 'auto' rule sees: none in training, which stays block-diagonal (per-group
+  convolutions in training compiled much longer: 73 s instead of 40 s for the CondenseNet-86
+  step, for a step at most ~10% faster)."""
   return None if train else x.shape[1] * x.shape[2]
 
 
@@ -133,7 +138,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
   kh, kw, in_per_group, out = kernel.shape
   pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
       p == (0, 0) for p in padding)
-  lowering = resolve_lowering(lowering, x.shape[1] * x.shape[2], pointwise)
+  lowering = resolve_lowering(lowering)
   if groups == 1:
     if pointwise:
       return jnp.dot(x, kernel[0, 0])
@@ -311,7 +316,7 @@ class Conv(nn.Module):
     p = self.padding
     return grouped_conv(x, kernel.astype(self.dtype), self.groups,
                         strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-                        lowering=resolve_lowering(self.conv_lowering, _pixels(x, train), k == 1))
+                        lowering=resolve_lowering(self.conv_lowering))
 
 
 class LearnedGroupConv(nn.Module):
@@ -365,9 +370,8 @@ class CondensedConv(nn.Module):
                         jnp.float32).astype(self.dtype)
     if skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
       return self._gather_free(x, index.value, norm, kernel)
-    # On CPU the map-size rule of spatial convolutions also picks this layer's lowering: per
-    # group on small maps (measured faster there in eval mode), block-diagonal on large ones.
-    lowering = resolve_lowering(self.conv_lowering, _pixels(x, train))
+    # On CPU, in eval mode, per group on small maps (measured faster there), else block-diagonal.
+    lowering = resolve_lowering(self.conv_lowering, _pixels(x, train), condensed=True)
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
     x = norm(take_channels(x, index.value))  # [n, h, w, kept]

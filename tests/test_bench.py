@@ -59,8 +59,10 @@ def test_inference_modes(tiny_config, mode, model):
   assert result['dtype'] == 'bfloat16' and result['img_per_s'] > 0
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == 'cpu':  # per layer, by map size
-    assert result['conv_lowering_used'].startswith('per_group on maps of at most 256 pixels')
+  if jax.default_backend() == 'cpu':  # condensed 1x1 convolutions per layer, by map size
+    assert result['conv_lowering_used'] == (
+        'block_diagonal; condensed 1x1 convolutions per_group on maps of at most 256 pixels'
+        if mode == 'infer_condensed' else 'block_diagonal')
     assert result['gathers_used'] == ('skip on maps of more than 64 pixels, else keep'
                                       if mode == 'infer_condensed' else None)
   else:

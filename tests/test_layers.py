@@ -45,7 +45,8 @@ def test_resolve_lowering():
   assert layers.resolve_lowering('auto') in layers.LOWERINGS
   assert layers.resolve_lowering('auto', 64, backend='gpu') == 'block_diagonal'
   assert layers.resolve_lowering('auto', 64, backend='tpu') == 'grouped'
-  assert layers.resolve_lowering('auto', 64, backend='cpu') == 'per_group'
+  assert layers.resolve_lowering('auto', 64, condensed=True, backend='cpu') == 'per_group'
+  assert layers.resolve_lowering('auto', 64, backend='cpu') == 'block_diagonal'
   assert layers.resolve_lowering('per_group', backend='gpu') == 'per_group'
   with pytest.raises(ValueError, match="conv_lowering='fast'"):
     layers.resolve_lowering('fast')
@@ -64,14 +65,15 @@ def test_channel_shuffle_is_group_major_to_interleaved():
                                 expected)
 
 
-def test_auto_lowering_on_cpu_depends_on_the_map_size():
+def test_auto_lowering_on_cpu_depends_on_the_map_size_for_condensed_layers_only():
   if jax.default_backend() != 'cpu':
     pytest.skip('the rule under test is the CPU one')
   big, small = 32 * 32, layers.CPU_PER_GROUP_MAX_PIXELS
-  assert layers.resolve_lowering('auto', big) == 'block_diagonal'
-  assert layers.resolve_lowering('auto', small) == 'per_group'
-  assert layers.resolve_lowering('auto', small, pointwise=True) == 'block_diagonal'
-  assert layers.resolve_lowering('grouped', small) == 'grouped'
+  assert layers.resolve_lowering('auto', big, condensed=True) == 'block_diagonal'
+  assert layers.resolve_lowering('auto', small, condensed=True) == 'per_group'
+  assert layers.resolve_lowering('auto', small) == 'block_diagonal'  # spatial convolutions
+  assert layers.resolve_lowering('auto', condensed=True) == 'block_diagonal'  # training
+  assert layers.resolve_lowering('grouped', small, condensed=True) == 'grouped'
 
 
 def test_skips_gathers_rule():
