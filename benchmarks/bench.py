@@ -18,6 +18,8 @@ result). The last line of the output is one JSON object with the figures.
 
 import argparse
 import collections.abc
+import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -67,6 +69,9 @@ def parse_args(argv=None, parser=None, **defaults):
   parser.add_argument('--cpu-convolutions', choices=('xla', 'ynnpack'), default=None,
                       help="config.cpu_convolutions: which kernels run convolutions on a CPU "
                            "(default: the config's, 'xla')")
+  parser.add_argument('--compile-phases', action='store_true',
+                      help="trace the compilation with jax.profiler and report XLA's phases "
+                           '(HLO passes, kernel emission, code generation) and its kernel count')
   parser.add_argument('--deterministic', choices=('true', 'false'), default=None,
                       help="config.deterministic (default: the config's); it sets XLA's "
                            'deterministic GPU kernels, so it only takes effect in a process '
@@ -152,15 +157,74 @@ def _cost(program) -> dict:
     return {}
 
 
+# Profiler events that mark the phases of XLA's compilation on CPU (JAX 0.10): an event belongs
+# to a phase when its name starts with one of the phase's prefixes. Another backend or version
+# may name them otherwise; a phase with no event is left out of the record.
+COMPILE_PHASES = {
+    'hlo_passes_s': ('HLO passes through layout assignment', 'HLO passes after layout assignment'),
+    'kernel_emission_s': ('FusionCompiler::Compile',),
+    'codegen_s': ('Codegen',),
+}
+
+
+def compile_phases(trace_dir: str) -> dict:
+  """The phases of the compilation traced under `trace_dir`: for each, the wall time from its
+  first event's start to its last event's end (on any thread), and `kernels`, the number of
+  fused kernels XLA emitted (`FusionCompiler::Compile` events)."""
+  files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  events = [e for f in files for e in json.load(gzip.open(f))['traceEvents']
+            if e.get('ph') == 'X']
+  found = {}
+  for phase, prefixes in COMPILE_PHASES.items():
+    spans = [(e['ts'], e['ts'] + e.get('dur', 0.0)) for e in events
+             if e['name'].startswith(prefixes)]
+    if spans:
+      found[phase] = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1e6
+  kernels = sum(e['name'] == 'FusionCompiler::Compile' for e in events)
+  if kernels:
+    found['kernels'] = kernels
+  return found
+
+
+def _compile(lower: Callable[[], Any], phases: bool):
+  """`lower().compile()`: the program, the seconds spent tracing and lowering, the seconds
+  spent compiling, and (with `phases`) `compile_phases` of a profiler trace of the latter,
+  which then bypasses any persistent compilation cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  lowered = lower()
+  lowered_at = time.perf_counter()
+  if not phases:
+    program = lowered.compile()
+    return program, lowered_at - start, time.perf_counter() - lowered_at, None
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  # A program found in a persistent compilation cache would show no phases: compile afresh.
+  # (JAX decides once per process whether it uses the cache; resetting makes it decide again.)
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir):
+        program = lowered.compile()
+      done = time.perf_counter()
+      return program, lowered_at - start, done - lowered_at, compile_phases(trace_dir)
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
+
+
 class Prepared(NamedTuple):
   """A compiled benchmark program and what describes it."""
   step: Callable[[], Any]  # one call of the program (the training step carries its state)
   program: Any  # the compiled program (`jax.stages.Compiled`)
-  compile_s: float
+  compile_s: float  # tracing, lowering and XLA's compilation
   config: Any
   run: Any  # the `train.Run` it came from
   model: Any  # the training-form model
   eval_model: Any  # the model the program runs
+  lower_s: float = 0.0  # tracing and lowering, the part of `compile_s` spent in JAX
+  compile_phases: Optional[dict] = None  # `compile_phases`, with --compile-phases
 
 
 def prepare(args) -> Prepared:
@@ -199,9 +263,8 @@ def prepare(args) -> Prepared:
   if args.mode == 'train':
     batches = [train._global_batch(run_, b)  # pylint: disable=protected-access
                for _, b in zip(range(2), train._train_batches(run_, 0))]  # pylint: disable=protected-access
-    start = time.perf_counter()
-    program = run_.train_step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - start
+    program, lower_s, xla_s, phases = _compile(
+        lambda: run_.train_step.lower(state, batches[0]), args.compile_phases)
     holder = {'state': state, 'i': 0}
 
     def step():
@@ -223,11 +286,10 @@ def prepare(args) -> Prepared:
     images, labels, valid = next(data.eval_batches(dataset.test_images, dataset.test_labels,
                                                    args.batch_size))
     batch = train._global_batch(run_, {'image': images, 'label': labels, 'valid': valid})  # pylint: disable=protected-access
-    start = time.perf_counter()
-    program = run_.eval_step(eval_model).lower(variables, batch).compile()
-    compile_s = time.perf_counter() - start
+    program, lower_s, xla_s, phases = _compile(
+        lambda: run_.eval_step(eval_model).lower(variables, batch), args.compile_phases)
     fn = lambda: program(variables, batch)
-  return Prepared(fn, program, compile_s, config, run_, model, eval_model)
+  return Prepared(fn, program, lower_s + xla_s, config, run_, model, eval_model, lower_s, phases)
 
 
 def run(args) -> dict:
@@ -245,7 +307,8 @@ def run(args) -> dict:
       'mode': args.mode, 'batch_size': args.batch_size,
       'img_per_s': args.batch_size / median, 'step_ms_median': 1000 * median,
       'step_ms_min': 1000 * min(times), 'step_ms_max': 1000 * max(times),
-      'compile_s': prepared.compile_s, 'steps': args.steps,
+      'compile_s': prepared.compile_s, 'lower_s': prepared.lower_s,
+      'compile_phases': prepared.compile_phases, 'steps': args.steps,
       'train_step_compilations': len(prepared.run.traces) if args.mode == 'train' else None,
       'model_flops': model_flops(model, args.mode, args.batch_size),
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
@@ -273,7 +336,11 @@ def main(argv=None):
   print(f"{result['mode']}: {result['model']} {result['stages']}x{result['growth']}, "
         f"batch {result['batch_size']}, {result['dtype']}, {result['num_devices']} x "
         f"{result['device']} ({result['backend']})")
-  print(f"  trace + compile: {result['compile_s']:.1f} s")
+  print(f"  trace + compile: {result['compile_s']:.1f} s (trace and lower "
+        f"{result['lower_s']:.1f} s)")
+  if result['compile_phases']:
+    print('  XLA phases: ' + ', '.join(f'{k} {v:.1f}' if isinstance(v, float) else f'{k} {v}'
+                                       for k, v in result['compile_phases'].items()))
   print(f"  step: median {result['step_ms_median']:.1f} ms (min {result['step_ms_min']:.1f}, "
         f"max {result['step_ms_max']:.1f}) over {result['steps']} steps -> "
         f"{result['img_per_s']:.1f} img/s")

@@ -25,17 +25,24 @@ def tiny_config(tmp_path_factory):
 
 def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   result = bench.main(['--config', tiny_config, '--mode', 'train', '--batch-size', '8',
-                       '--steps', '2', '--warmup', '0'])
+                       '--steps', '2', '--warmup', '0', '--compile-phases'])
   assert result['mode'] == 'train' and result['batch_size'] == 8
   assert result['train_step_compilations'] == 1
   assert result['img_per_s'] > 0 and result['step_ms_median'] > 0 and result['compile_s'] > 0
+  assert 0 < result['lower_s'] < result['compile_s']
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':  # the phases of XLA's CPU compiler, compiled afresh
+    phases = result['compile_phases']
+    assert set(phases) == set(bench.COMPILE_PHASES) | {'kernels'}, phases
+    assert phases['kernels'] > 10
+    xla_s = result['compile_s'] - result['lower_s']
+    assert all(0 < phases[k] <= xla_s for k in bench.COMPILE_PHASES), (phases, xla_s)
   assert result['step_ms_min'] <= result['step_ms_median'] <= result['step_ms_max']
   assert result['img_per_s'] == pytest.approx(8000 / result['step_ms_median'])
   assert result['model'] == 'CondenseNet' and result['stages'] == [1, 1, 1]
   from condensenet_jax import flops, train  # pylint: disable=g-import-not-at-top
   model = train.build_model(bench.load_config(tiny_config), num_classes=10)
   assert result['model_flops'] == 3 * 2 * flops.count(model, 32)[0] * 8
-  import jax  # pylint: disable=g-import-not-at-top
   assert result['conv_lowering'] == 'auto' and result['conv_lowering_used'] == (
       'grouped' if jax.default_backend() == 'tpu' else 'block_diagonal')
   assert result['dense_blocks'] == 'auto' and result['dense_blocks_used'] == 'concatenate'
@@ -57,6 +64,7 @@ def test_inference_modes(tiny_config, mode, model):
                        '--steps', '1', '--dtype', 'bfloat16'])
   assert result['mode'] == mode and result['model'] == model
   assert result['dtype'] == 'bfloat16' and result['img_per_s'] > 0
+  assert result['compile_phases'] is None  # only with --compile-phases
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
   if jax.default_backend() == 'cpu':  # condensed 1x1 convolutions per layer, by map size
