@@ -288,7 +288,8 @@ def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path)
   config.cpu_convolutions = 'xla'
   assert train.compiler_options(config) == {
       'xla_cpu_experimental_ynn_fusion_type':
-          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+      'xla_backend_optimization_level': 1}
   config.batch_size = config.eval_batch_size = 8
   config.model.growth = (8, 8, 8)  # 3x3 convolutions over 32 channels, as CondenseNet-86's
   dataset = data.synthetic(config.dataset, num_train=64, num_test=8)
