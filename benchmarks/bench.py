@@ -171,9 +171,10 @@ def compile_phases(trace_dir: str) -> dict:
   """The phases of the compilation traced under `trace_dir`: for each, the wall time from its
   first event's start to its last event's end (on any thread), and `kernels`, the number of
   fused kernels XLA emitted (`FusionCompiler::Compile` events)."""
-  files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
-  events = [e for f in files for e in json.load(gzip.open(f))['traceEvents']
-            if e.get('ph') == 'X']
+  events = []
+  for path in glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True):
+    with gzip.open(path) as f:
+      events += [e for e in json.load(f)['traceEvents'] if e.get('ph') == 'X']
   found = {}
   for phase, prefixes in COMPILE_PHASES.items():
     spans = [(e['ts'], e['ts'] + e.get('dur', 0.0)) for e in events

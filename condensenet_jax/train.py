@@ -280,8 +280,9 @@ def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
   """XLA options of the run's compiled programs on `backend` (default: JAX's).
 
   `config.cpu_convolutions` says which kernels run convolutions on a CPU: 'xla' (default; XLA's
-  own) or 'ynnpack' (what this JAX does by itself). Other backends get no options. A JAX that
-  does not know the option gets none either, with a warning.
+  own, and LLVM at optimization level 1: `_CPU_COMPILER_OPTIONS`) or 'ynnpack' (what this JAX
+  does by itself, at its default level). Other backends get no options. A JAX that does not
+  know the options gets none either, with a warning.
   """
   choice = _cpu_convolutions(config)
   if (backend or jax.default_backend()) != 'cpu' or choice == 'ynnpack':
