@@ -316,7 +316,7 @@ class Conv(nn.Module):
     p = self.padding
     return grouped_conv(x, kernel.astype(self.dtype), self.groups,
                         strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-                        lowering=resolve_lowering(self.conv_lowering))
+                        lowering=self.conv_lowering)
 
 
 class LearnedGroupConv(nn.Module):
