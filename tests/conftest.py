@@ -1,8 +1,10 @@
 """Shared test helpers: the official parity fixtures and tiny models."""
 
+import functools
 import json
 import os
 import pathlib
+import re
 import tempfile
 
 import jax
@@ -25,19 +27,38 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 if 'JAX_DEFAULT_MATMUL_PRECISION' not in os.environ:
   jax.config.update('jax_default_matmul_precision', 'highest')
 
-FIXTURES = pathlib.Path(os.environ.get(
-    'CONDENSENET_FIXTURES',
-    pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'fixtures'))
+# The official parity fixtures (README.md in this folder's `fixtures/` describes them and how
+# `fixtures/make_fixtures.py` regenerates them); CONDENSENET_FIXTURES may name another folder.
+FIXTURES = pathlib.Path(os.environ.get('CONDENSENET_FIXTURES',
+                                       pathlib.Path(__file__).resolve().parent / 'fixtures'))
 FIXTURE_NAMES = ('tiny_cifar_g4', 'tiny_cifar_g2_c4', 'tiny_imagenet_g8')
 
 
 class Fixture:
-  """One official fixture: its config, model, input and state dicts."""
+  """One official fixture: its config, model, input and state dicts.
+
+  Attributes:
+    name: the fixture's name (one of FIXTURE_NAMES).
+    config: the `.json` dict (configuration, events, official FLOPs/params).
+    arrays: every `.npz` entry by key, as stored (state{k} for k >= 1 holds only the entries
+      that changed at event k: read state dicts with `state_dict`).
+    model: the CondenseNet of the configuration.
+    x: the input batch, NHWC float32.
+    condense_factor: C; the states are state0 .. state{C-1}.
+  """
 
   def __init__(self, name):
     self.name = name
-    self.config = json.loads((FIXTURES / f'{name}.json').read_text())
-    self.arrays = np.load(FIXTURES / f'{name}.npz')
+    paths = [FIXTURES / f'{name}.json', FIXTURES / f'{name}.npz']
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+      raise FileNotFoundError(
+          f'official parity fixture {name} is missing ({", ".join(missing)}): regenerate it '
+          f'with `python tests/fixtures/make_fixtures.py --official-dir PATH_TO_CHECKOUT` or '
+          f'point CONDENSENET_FIXTURES at a folder that holds it')
+    self.config = json.loads(paths[0].read_text())
+    with np.load(paths[1]) as npz:
+      self.arrays = {k: npz[k] for k in npz.files}
     c = self.config
     self.model = models.CondenseNet(
         stages=c['stages'], growth=c['growth'], bottleneck=c['bottleneck'],
@@ -46,35 +67,52 @@ class Fixture:
     self.x = jnp.asarray(self.arrays['x_nchw'].transpose(0, 2, 3, 1))  # [n, h, w, 3]
     self.condense_factor = c['condense_factor']
 
+  def stored(self, prefix):
+    """The entries stored under `prefix/`, keyed without the prefix (no copies)."""
+    return {k[len(prefix) + 1:]: v for k, v in self.arrays.items() if k.startswith(prefix + '/')}
+
   def state_dict(self, prefix):
-    return {k[len(prefix) + 1:]: self.arrays[k] for k in self.arrays.files
-            if k.startswith(prefix + '/')}
+    """The full official state dict saved under `prefix`, as a fresh dict of array copies.
+
+    Args:
+      prefix: 'state{k}' (k = 0 .. C-1: the training-form model after condensing event k,
+        rebuilt as state0 updated with the changes of state1 .. state{k}) or 'converted'.
+
+    Returns:
+      {official state-dict key: numpy array}; callers may modify it and its arrays.
+
+    Raises:
+      KeyError: nothing is stored under `prefix` (or one of the states it builds on).
+    """
+    match = re.fullmatch(r'state(\d+)', prefix)
+    chain = [f'state{j}' for j in range(int(match[1]) + 1)] if match else [prefix]
+    state = {}
+    for part in chain:
+      entries = self.stored(part)
+      if not entries:
+        raise KeyError(f'fixture {self.name} stores nothing under {part}/')
+      state.update(entries)
+    return {k: v.copy() for k, v in state.items()}
 
 
-def _fixtures_or_skip():
-  if FIXTURES.is_dir():
-    return
-  message = f'official parity fixtures not found at {FIXTURES} (set CONDENSENET_FIXTURES)'
-  if os.environ.get('CI'):
-    pytest.fail(message)
-  pytest.skip(message)
+@functools.lru_cache(maxsize=None)
+def load_fixture(name):
+  """The Fixture `name`, loaded once per session; a missing fixture fails the test."""
+  try:
+    return Fixture(name)
+  except FileNotFoundError as e:
+    message = str(e)
+  pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope='session', params=FIXTURE_NAMES)
 def fixture(request):
-  _fixtures_or_skip()
-  return Fixture(request.param)
+  return load_fixture(request.param)
 
 
 @pytest.fixture(scope='session')
 def fixture_by_name():
-  _fixtures_or_skip()
-  cache = {}
-  def get(name):
-    if name not in cache:
-      cache[name] = Fixture(name)
-    return cache[name]
-  return get
+  return load_fixture
 
 
 def max_relative_error(actual, expected):
