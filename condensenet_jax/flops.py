@@ -7,6 +7,11 @@ trainable weights (BN scale and bias included, running statistics and indices no
 group convolution counts as its dense convolution divided by the condense factor, for both
 FLOPs and parameters. The numbers are computed from the architecture, for a batch of one
 square image of `image_size` pixels a side.
+
+That convention counts the masked training model as if it were already condensed.
+`multiply_adds` gives what each form really executes instead: the multiply-adds of its
+convolutions and classifier, a masked learned group convolution counted dense (its kernel is
+applied whole, masked entries included) and a grouped convolution as its groups.
 """
 
 from condensenet_jax import models
@@ -18,6 +23,7 @@ class _Counter:
   def __init__(self):
     self.ops = 0
     self.params = 0
+    self.multiply_adds = 0  # as executed: grouped convolutions by group, LGCs dense
 
   def relu(self, channels, size):
     self.ops += channels * size * size
@@ -33,6 +39,7 @@ class _Counter:
     dense_ops = in_channels * out_channels * kernel * kernel * out * out
     dense_params = in_channels * out_channels * kernel * kernel
     divisor = divide_by or groups
+    self.multiply_adds += dense_ops // groups
     self.ops += dense_ops // divisor
     self.params += dense_params // divisor
     return out
@@ -50,6 +57,7 @@ class _Counter:
     return out
 
   def linear(self, in_features, out_features):
+    self.multiply_adds += in_features * out_features
     self.ops += in_features * out_features + out_features
     self.params += in_features * out_features + out_features
 
@@ -101,17 +109,30 @@ def _densenet(model, image_size):
   return n
 
 
+def _counted(model, image_size: int, what: str) -> _Counter:
+  if isinstance(model, models.CondenseNet):
+    return _condensenet(model, image_size)
+  if isinstance(model, models.DenseNet):
+    return _densenet(model, image_size)
+  raise TypeError(f'flops.{what} supports CondenseNet, CondensedNet and DenseNet, '
+                  f'not {type(model).__name__}.')
+
+
 def count(model, image_size: int) -> tuple[int, int]:
   """(FLOPs, params) of `model` on one `image_size` x `image_size` image, official convention.
 
   Works for `models.CondenseNet` (training form, LGC counted as dense / C),
   `models.CondensedNet` (the exported form) and `models.DenseNet`.
   """
-  if isinstance(model, models.CondenseNet):
-    n = _condensenet(model, image_size)
-  elif isinstance(model, models.DenseNet):
-    n = _densenet(model, image_size)
-  else:
-    raise TypeError(f'flops.count supports CondenseNet, CondensedNet and DenseNet, '
-                    f'not {type(model).__name__}.')
+  n = _counted(model, image_size, 'count')
   return n.ops, n.params
+
+
+def multiply_adds(model, image_size: int) -> int:
+  """Multiply-adds that `model` executes on one `image_size` x `image_size` image.
+
+  Convolutions and the classifier only (no BN, ReLU, pooling or biases). Unlike `count`, the
+  training form's learned group convolutions count dense: that is what the masked model runs.
+  For CondenseNet-86 on 32x32 images: 173M (training form) against 62M (condensed).
+  """
+  return _counted(model, image_size, 'multiply_adds').multiply_adds

@@ -1,6 +1,7 @@
 """Tests for condensenet_jax.flops: the official FLOPs/params table, and the fixtures."""
 
 import jax
+import numpy as np
 import pytest
 
 from condensenet_jax import flops, models
@@ -62,3 +63,38 @@ def test_params_match_the_trainable_variables_of_the_condensed_model():
 def test_unknown_model_type():
   with pytest.raises(TypeError, match='CondenseNet, CondensedNet and DenseNet'):
     flops.count(object(), 32)
+
+
+def _multiply_adds_from_kernels(model, image_size):
+  """Multiply-adds as every kernel of `model`'s parameters applied at its layer's map size:
+  kernel entries x output pixels (a grouped kernel holds in/G inputs per output)."""
+  stride, _ = models.stem_geometry(model.stem)
+  total = 0
+  params = models.variable_shapes(model)['params']
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [p.key for p in path]
+    if names[-1] != 'kernel':
+      continue
+    if names[0] == 'classifier':
+      side = 1
+    elif names[0] == 'init_conv':
+      side = image_size // stride
+    else:  # denseblock_k: the stem's map, halved by each transition before it
+      side = image_size // stride // 2 ** (int(names[0].split('_')[1]) - 1)
+    total += int(np.prod(leaf.shape)) * side * side
+  return total
+
+
+@pytest.mark.parametrize('variant,image_size,masked,condensed', [
+    ('CondenseNetTiny', 32, None, None),
+    ('CondenseNet86', 32, 173_858_624, 62_377_888),
+    ('CondenseNet74_C4', 224, None, None),
+])
+def test_multiply_adds_are_what_each_form_runs(variant, image_size, masked, condensed):
+  model = getattr(models, variant)()
+  small = models.CondensedNet.from_model(model)
+  assert flops.multiply_adds(model, image_size) == _multiply_adds_from_kernels(model, image_size)
+  assert flops.multiply_adds(small, image_size) == _multiply_adds_from_kernels(small, image_size)
+  if masked is not None:  # the figures the run header and README quote
+    assert (flops.multiply_adds(model, image_size), flops.multiply_adds(small, image_size)) == (
+        masked, condensed)
