@@ -2,7 +2,8 @@
 
 Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointManager`: items
 `state` and `meta`); the condensed model in `workdir/condensed/` as `model.json` (the
-`CondensedNet` fields) and `variables.npz` (plain numpy, readable without JAX or orbax).
+`CondensedNet` fields and the evaluation preprocessing: dataset, image size, mean, std, class
+names) and `variables.npz` (plain numpy, readable without JAX or orbax).
 """
 
 import json
@@ -11,12 +12,13 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from flax import traverse_util
 
-from condensenet_jax import condense, models
+from condensenet_jax import condense, data, models
 
 
 class Checkpoints:
@@ -67,8 +69,13 @@ class Checkpoints:
     self.manager.close()
 
 
-def save_condensed(directory: str, model: models.CondensedNet, variables: Any) -> None:
-  """Writes a condensed model: `model.json` + `variables.npz`."""
+def save_condensed(directory: str, model: models.CondensedNet, variables: Any,
+                   preprocessing: Optional[dict[str, Any]] = None) -> None:
+  """Writes a condensed model: `model.json` + `variables.npz`.
+
+  `preprocessing` (from `data.preprocessing`) is saved with it, so that `load_classifier` can
+  take raw images.
+  """
   os.makedirs(directory, exist_ok=True)
   fields = {'stages': list(model.stages), 'growth': list(model.growth),
             'bottleneck': model.bottleneck, 'group_1x1': model.group_1x1,
@@ -79,15 +86,12 @@ def save_condensed(directory: str, model: models.CondensedNet, variables: Any) -
   np.savez(os.path.join(directory, 'variables.npz'),
            **{k: np.asarray(v) for k, v in flat.items()})
   with open(os.path.join(directory, 'model.json'), 'w') as f:
-    json.dump({'class': 'CondensedNet', 'fields': fields}, f, indent=1)
+    json.dump({'class': 'CondensedNet', 'fields': fields, 'preprocessing': preprocessing}, f,
+              indent=1)
 
 
-def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, dict[str, Any]]:
-  """Reads a condensed model written at the end of training (`workdir/condensed`).
-
-  Returns `(model, variables)`; `model.apply(variables, images_nhwc)` gives logits. Keyword
-  `overrides` set model fields such as `dtype`, `conv_lowering`, `dense_blocks` or `gathers`.
-  """
+def _read_condensed(directory: str, overrides) -> tuple[models.CondensedNet, dict[str, Any],
+                                                       dict[str, Any]]:
   paths = [os.path.join(directory, f) for f in ('model.json', 'variables.npz')]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
@@ -99,4 +103,63 @@ def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, di
   with np.load(paths[1]) as arrays:
     variables = traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep='/')
   condense.check_gathered_norms(model, variables)
+  return model, variables, spec
+
+
+def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, dict[str, Any]]:
+  """Reads a condensed model written at the end of training (`workdir/condensed`).
+
+  Returns `(model, variables)`; `model.apply(variables, x)` gives logits for normalized float
+  images `x` [n, h, w, 3] (`load_classifier` takes raw uint8 images instead). Keyword
+  `overrides` set model fields such as `dtype`, `conv_lowering`, `dense_blocks` or `gathers`.
+  """
+  model, variables, _ = _read_condensed(directory, overrides)
   return model, variables
+
+
+class Classifier:
+  """A condensed model with its preprocessing: raw uint8 images in, logits out.
+
+  `classifier(images)` takes uint8 RGB images [n, s, s, 3] with s = `image_size` (for ImageNet,
+  resized to a shorter side of `preprocessing['resize_shorter']` and center-cropped, as in
+  evaluation) and returns float32 logits [n, num_classes]; normalization happens inside, in
+  one compiled program per batch shape. `class_names[i]` names label i.
+  """
+
+  def __init__(self, model: models.CondensedNet, variables: dict[str, Any],
+               preprocessing: dict[str, Any]):
+    self.model, self.variables, self.preprocessing = model, variables, preprocessing
+    mean, std = preprocessing['mean'], preprocessing['std']
+    self._logits = jax.jit(lambda v, x: model.apply(v, data.normalize(x, mean, std)))
+
+  @property
+  def class_names(self) -> list[str]:
+    return self.preprocessing['class_names']
+
+  @property
+  def image_size(self) -> int:
+    return self.preprocessing['image_size']
+
+  def __call__(self, images) -> jax.Array:
+    images = np.asarray(images)
+    s = self.image_size
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+      raise ValueError(f'images of dtype {images.dtype} and shape {images.shape}: the '
+                       f'classifier takes uint8 RGB images of shape [n, {s}, {s}, 3].')
+    return self._logits(self.variables, jnp.asarray(images))
+
+
+def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = None,
+                    **overrides) -> Classifier:
+  """The condensed model in `directory` as a `Classifier` of raw uint8 images.
+
+  The preprocessing saved in its `model.json` is used; `preprocessing` (see
+  `data.preprocessing`) replaces it, for a model saved without one. `overrides` as in
+  `load_condensed`.
+  """
+  model, variables, spec = _read_condensed(directory, overrides)
+  preprocessing = preprocessing or spec.get('preprocessing')
+  if not preprocessing:
+    raise ValueError(f'{directory}/model.json has no preprocessing (mean, std, image size); '
+                     'pass preprocessing=data.preprocessing(...) to load_classifier.')
+  return Classifier(model, jax.device_put(variables), preprocessing)

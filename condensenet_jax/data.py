@@ -13,7 +13,7 @@ ImageNet streams through tfds + tf.data, split per process (`imagenet_train`, `i
 import dataclasses
 import os
 import socket
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +45,34 @@ class InMemoryDataset:
   num_classes: int
   mean: tuple[float, ...]   # per channel, on the [0, 1] scale
   std: tuple[float, ...]
+  class_names: Optional[tuple[str, ...]] = None  # one per class; None: '0', '1', ...
 
   @property
   def image_size(self) -> int:
     return self.train_images.shape[1]
+
+  def preprocessing(self) -> dict[str, Any]:
+    """What a model trained on this dataset expects (`preprocessing`)."""
+    return preprocessing(self.name, self.image_size, self.mean, self.std, self.num_classes,
+                         self.class_names)
+
+
+def preprocessing(dataset: str, image_size: int, mean, std, num_classes: int,
+                  class_names=None, resize_shorter: Optional[int] = None) -> dict[str, Any]:
+  """The evaluation preprocessing of a dataset, as saved beside a condensed model.
+
+  Keys: `dataset`; `image_size` (the model takes uint8 [n, image_size, image_size, 3] RGB);
+  `mean`, `std` (per channel on the [0, 1] scale: the model's input is (x / 255 - mean) / std);
+  `class_names` (`num_classes` strings, label i -> class_names[i]); `resize_shorter` (the
+  evaluation images were resized to this shorter side and center-cropped to `image_size`; None:
+  taken as they are).
+  """
+  names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
+  if len(names) != num_classes:
+    raise ValueError(f'{len(names)} class names for {num_classes} classes.')
+  return {'dataset': dataset, 'image_size': int(image_size),
+          'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
+          'class_names': names, 'resize_shorter': resize_shorter}
 
 
 def digits(test_fraction: float = 0.2) -> InMemoryDataset:
@@ -69,7 +93,7 @@ def digits(test_fraction: float = 0.2) -> InMemoryDataset:
   mean = tuple(float(m) for m in scaled.mean(axis=(0, 1, 2)))
   std = tuple(float(s) for s in scaled.std(axis=(0, 1, 2)))
   return InMemoryDataset('digits', images[train], labels[train], images[test], labels[test], 10,
-                         mean, std)
+                         mean, std, tuple(str(d) for d in range(10)))
 
 
 def synthetic(name: str, num_train: int, num_test: int = 0, seed: int = 0) -> InMemoryDataset:
@@ -144,8 +168,9 @@ def cifar(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
                            f'downloading it failed ({type(e).__name__}: {e})') from e
       splits = read()
   mean, std = CIFAR_STATS[name]
-  num_classes = builder.info.features['label'].num_classes
-  return InMemoryDataset(name, *splits['train'], *splits['test'], num_classes, mean, std)
+  label = builder.info.features['label']
+  return InMemoryDataset(name, *splits['train'], *splits['test'], label.num_classes, mean, std,
+                         tuple(label.names))
 
 
 def load(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
@@ -259,6 +284,12 @@ def imagenet_num_examples(data_dir: Optional[str] = None, name: str = 'imagenet2
                           ) -> dict[str, int]:
   builder = _imagenet_builder(data_dir, name)
   return {s: builder.info.splits[s].num_examples for s in ('train', 'validation')}
+
+
+def imagenet_class_names(data_dir: Optional[str] = None, name: str = 'imagenet2012'
+                         ) -> tuple[str, ...]:
+  """The 1000 class names of tfds' ImageNet (WordNet ids such as 'n01440764'), label order."""
+  return tuple(_imagenet_builder(data_dir, name).info.features['label'].names)
 
 
 def imagenet_train(seed: int, start_step: int, global_batch: int, image_size: int = 224,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -310,8 +311,29 @@ def _cpu_compiler_options_supported() -> bool:
   return True
 
 
+# Config fields that must be positive integers, and what each one counts.
+_POSITIVE_INTS = {'batch_size': 'the global batch size',
+                  'eval_batch_size': 'the evaluation batch size',
+                  'num_epochs': 'the number of epochs',
+                  'log_every_steps': 'the number of steps between log lines',
+                  'keep_checkpoints': 'the number of checkpoints kept'}
+_NON_NEGATIVE = ('learning_rate', 'weight_decay', 'group_lasso', 'warmup_epochs',
+                 'checkpoint_every_steps', 'eval_every_epochs', 'crop_padding')
+
+
 def validate(config, devices: int) -> None:
-  """Checks done before anything is loaded or compiled."""
+  """Checks done before anything is loaded or compiled; raises ValueError naming the field,
+  the value and the fix."""
+  for field, what in _POSITIVE_INTS.items():
+    value = config[field]
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f'config.{field}={value!r}: {what} must be a positive integer.')
+  for field in _NON_NEGATIVE:
+    if config[field] < 0:
+      raise ValueError(f'config.{field}={config[field]!r} must not be negative.')
+  if not 0 < config.classifier_keep <= 1:
+    raise ValueError(f'config.classifier_keep={config.classifier_keep!r} must be in (0, 1] '
+                     '(the fraction of classifier inputs the export keeps).')
   if config.dataset not in data.DATASETS:
     raise ValueError(f'config.dataset={config.dataset!r} is unknown; use one of '
                      f'{data.DATASETS}.')
@@ -321,8 +343,6 @@ def validate(config, devices: int) -> None:
   if config.eval_batch_size % devices:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
                      f'the {devices} devices; use a multiple of {devices}.')
-  if config.num_epochs <= 0:
-    raise ValueError(f'config.num_epochs={config.num_epochs} must be positive.')
   _cpu_convolutions(config)
 
 
@@ -359,9 +379,11 @@ def setup(config, workdir: str, devices=None,
   per_epoch = data.steps_per_epoch(num_train, config.batch_size)
   total = config.num_epochs * per_epoch
   if isinstance(model, models.CondenseNet) and total < 2 * (model.condense_factor - 1):
+    c = model.condense_factor
     raise ValueError(
-        f'{total} training steps cannot hold the {2 * (model.condense_factor - 1)} '
-        f'condensing stages of condense_factor={model.condense_factor}; raise num_epochs.')
+        f'{total} training steps ({_epochs(config.num_epochs)} of {per_epoch}) are too few for '
+        f'condense_factor={c}: its {c - 1} condensing events need at least {2 * (c - 1)} steps '
+        '(the condensing stages take the first half of training); raise config.num_epochs.')
   schedule = learning_rate_schedule(config, per_epoch, total)
   tx = make_optimizer(config, schedule)
   traces = []
@@ -642,6 +664,24 @@ class _Metrics:
     self.writer.write(step, 'train', {k.replace('/', '_per_'): v for k, v in values.items()})
 
 
+_CACHE_HITS = [0]  # programs loaded from JAX's persistent compilation cache in this process
+
+
+def _count_cache_hits(event: str, **kwargs) -> None:
+  del kwargs
+  if event == '/jax/compilation_cache/cache_hits':
+    _CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
+
+
+def _compile_note() -> str:
+  cache = jax.config.jax_compilation_cache_dir
+  return 'once per run, tens of seconds' + (
+      f'; a resumed run loads it from {cache}' if cache else '')
+
+
 def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
                 metrics: _Metrics, log, stop: _StopSignals) -> TrainState:
   """Runs the steps from `state.step` to the end, with progress, events, evals and
@@ -667,8 +707,15 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
     if bar is None:
       bar = reporting.ProgressBar(epoch, config.num_epochs, run.steps_per_epoch,
                                   every=config.log_every_steps, enabled=lead)
+    first = metrics.timed_since is None
+    if first:
+      log(f'compiling the training step ({_compile_note()})...')
+      started, hits = time.time(), _CACHE_HITS[0]
     state, step_metrics = run.train_step(state, _global_batch(run, next(batches)))
-    metrics.add(step_metrics)
+    metrics.add(step_metrics)  # the first step is waited for
+    if first:
+      how = 'loaded from the compilation cache' if _CACHE_HITS[0] > hits else 'compiled'
+      log(f'training step {how} and run in {time.time() - started:.1f} s')
     step += 1
     if step - 1 in event_steps:
       metrics.flush(step)
@@ -701,6 +748,15 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   return state
 
 
+def _preprocessing(run: Run) -> dict[str, Any]:
+  """The evaluation preprocessing of the run's data (saved with the condensed model)."""
+  if run.dataset is not None:
+    return run.dataset.preprocessing()
+  mean, std = run.mean, run.std
+  return data.preprocessing(run.config.dataset, 224, mean, std, run.model.num_classes,
+                            data.imagenet_class_names(run.config.data_dir), resize_shorter=256)
+
+
 def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[str, Any]:
   """Exports the condensed model, evaluates both forms and fills in the summary."""
   model, config, workdir = run.model, run.config, run.workdir
@@ -716,36 +772,100 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
     small, small_vars = condense.export(model, jax.device_get(state.variables()),
                                         classifier_keep=config.classifier_keep)
     condensed = evaluate(run, small, _replicate(small_vars, NamedSharding(run.mesh, P())))
-    f_small, p_small = flops.count(small, models.default_image_size(small))
+    image_size = models.default_image_size(small)
+    f_small, p_small = flops.count(small, image_size)
+    macs = flops.multiply_adds(small, image_size)
     summary.update(condensed_accuracy=condensed['accuracy'],
                    condensed_test_loss=condensed['loss'], condensed_flops=f_small,
-                   condensed_params=p_small)
+                   condensed_params=p_small, condensed_multiply_adds=macs)
     log(f'test accuracy of the condensed model: {condensed["accuracy"]:.4f} '
-        f'({f_small / 1e6:.2f}M FLOPs, {p_small / 1e6:.3f}M params)')
+        f'({f_small / 1e6:.2f}M FLOPs, {p_small / 1e6:.3f}M params; it runs '
+        f'{macs / 1e6:.1f}M multiply-adds an image, the trained model '
+        f'{summary["masked_multiply_adds"] / 1e6:.1f}M)')
     if lead:
-      checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars)
+      checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars,
+                                preprocessing=_preprocessing(run))
   summary['final_state_sha256'] = state_sha256(state)
   return summary
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError, before anything is written, if `workdir` is not a directory that
+  exists or can be created."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir {workdir} is a file, not a directory; give a directory.')
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  try:  # a trial directory, removed at once, tells whether `parent` takes new entries
+    os.rmdir(tempfile.mkdtemp(dir=parent, prefix='.workdir-check-'))
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} cannot be created in {parent} ({e.strerror}); give '
+                     'a --workdir in a directory you can write to.') from None
+
+
+def _finished_summary(run: Run, ckpt: checkpoint.Checkpoints) -> Optional[dict[str, Any]]:
+  """The summary of a run that already ended in this workdir (its final checkpoint and its
+  summary.json are there), else None."""
+  path = os.path.join(run.workdir, 'summary.json')
+  if ckpt.latest_step() != run.total_steps or not os.path.exists(path):
+    return None
+  _check_same_run(run, ckpt.meta(run.total_steps), ckpt.directory)
+  with open(path) as f:
+    return json.load(f)
+
+
+def _epochs(n: int) -> str:
+  return f'{n} epoch' + ('s' if n != 1 else '')
+
+
+def _header(run: Run) -> str:
+  model, config = run.model, run.config
+  size = models.default_image_size(model)
+  f_train, p_train = flops.count(model, size)
+  text = (f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on '
+          f'{config.dataset}: {f_train / 1e6:.2f}M FLOPs, {p_train / 1e6:.3f}M params')
+  if isinstance(model, models.CondenseNet):
+    small = models.CondensedNet.from_model(model)
+    text += (f' (official convention; multiply-adds really run: '
+             f'{flops.multiply_adds(model, size) / 1e6:.1f}M masked, '
+             f'{flops.multiply_adds(small, size) / 1e6:.1f}M condensed)')
+  return (f'{text}; {run.total_steps} steps ({_epochs(config.num_epochs)} of '
+          f'{run.steps_per_epoch}), global batch {config.batch_size} on {run.mesh.size} '
+          f'{jax.devices()[0].platform} device(s)')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, condenses, exports and evaluates; returns (and writes) the run summary.
 
-  Starting again in the same `workdir` resumes from its latest checkpoint.
+  Starting again in the same `workdir` resumes from its latest checkpoint; in a workdir whose
+  run has ended, returns the saved summary and changes nothing. Mistakes in `config` or
+  `workdir` raise ValueError before anything is written.
   """
   start_time = time.time()
+  check_workdir(workdir)
   configure_determinism(config)
+  # Before the first compilation (JAX decides then whether it uses a persistent cache); the
+  # directory is made by the first compilation, after the config has been checked.
   enable_compilation_cache(config, workdir)
   maybe_initialize_distributed()
   lead = jax.process_index() == 0
   log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
   run = setup(config, workdir)
   model = run.model
-  f_train, p_train = flops.count(model, models.default_image_size(model))
-  log(f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on {config.dataset}: '
-      f'{f_train / 1e6:.2f}M FLOPs, {p_train / 1e6:.3f}M params; {run.total_steps} steps '
-      f'({config.num_epochs} epochs of {run.steps_per_epoch}), global batch '
-      f'{config.batch_size} on {run.mesh.size} {jax.devices()[0].platform} device(s)')
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+    finished = _finished_summary(run, ckpt)
+    if finished is not None:
+      ckpt.close()
+      log(f'the run in {workdir} has finished ({run.total_steps} steps, test accuracy '
+          f'{finished.get("accuracy", float("nan")):.4f}); its summary is '
+          f'{os.path.join(workdir, "summary.json")}. Nothing to do: use another --workdir '
+          'to train again.')
+      return finished
+    ckpt.close()
+  log(_header(run))
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   writer = reporting.MetricsWriter(workdir, enabled=lead)
@@ -758,11 +878,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics = _Metrics(writer, config.batch_size)
       state = _train_loop(run, state, ckpt, metrics, log, stop)
       ckpt.wait()
+    image_size = models.default_image_size(model)
+    f_train, p_train = flops.count(model, image_size)
     summary = {'model': type(model).__name__, 'dataset': config.dataset,
                'total_steps': run.total_steps, 'steps_this_run': run.total_steps - start_step,
                'resumed_from_step': start_step or None, 'train_img_per_s': metrics.img_per_s(),
                'train_step_compilations': len(run.traces), 'flops': f_train,
-               'params': p_train}
+               'params': p_train, 'masked_multiply_adds': flops.multiply_adds(model, image_size)}
     summary = _finish(run, state, summary, log)
     summary['wall_seconds'] = time.time() - start_time
     if lead:

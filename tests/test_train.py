@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from condensenet_jax import checkpoint, condense, data, models, train
+from condensenet_jax import checkpoint, condense, data, flops, models, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,10 @@ def test_run_writes_summary_metrics_and_condensed_model(digits_run):
               'condensed_params', 'condensing_event_steps', 'train_img_per_s', 'wall_seconds',
               'final_state_sha256'):
     assert key in summary, key
+  model = train.build_model(config, num_classes=10)
+  assert summary['masked_multiply_adds'] == flops.multiply_adds(model, 32)
+  assert summary['condensed_multiply_adds'] == flops.multiply_adds(
+      models.CondensedNet.from_model(model), 32) < summary['masked_multiply_adds']
   assert 0.0 <= summary['condensed_accuracy'] <= 1.0
   assert summary['test_examples'] == 359
   records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -74,6 +78,43 @@ def test_run_writes_summary_metrics_and_condensed_model(digits_run):
   assert accuracy == pytest.approx(summary['condensed_accuracy'], abs=1e-6)
   assert set(condense.condensed_layers(
       train_masks(workdir, summary), models.CondenseNetTiny()).values()) == {3}
+
+
+def test_condensed_model_classifies_raw_images_at_the_runs_accuracy(digits_run):
+  _, workdir, summary = digits_run
+  classifier = checkpoint.load_classifier(str(workdir / 'condensed'))
+  dataset = data.digits()
+  assert classifier.preprocessing == dataset.preprocessing()
+  assert classifier.class_names == [str(d) for d in range(10)]
+  logits = classifier(dataset.test_images)  # uint8, as the dataset holds them
+  assert logits.shape == (359, 10)
+  accuracy = float(np.mean(np.argmax(logits, -1) == dataset.test_labels))
+  assert accuracy == pytest.approx(summary['condensed_accuracy'], abs=1e-6)
+  with pytest.raises(ValueError, match=r'uint8 RGB images of shape \[n, 32, 32, 3\]'):
+    classifier(dataset.test_images.astype(np.float32))
+
+
+def test_tensorboard_reads_the_runs_scalars(digits_run):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = digits_run
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  scalars = events.Tags()['scalars']
+  assert {'train/loss', 'train/accuracy', 'train/lr', 'final/condensed_accuracy'} <= set(scalars)
+  assert events.Scalars('train/stage')[-1].value == 3
+
+
+def test_a_finished_workdir_is_left_as_it_is(digits_run, capsys):
+  config, workdir, summary = digits_run
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*')
+            if 'compilation_cache' not in p.parts}
+  summary_text = (workdir / 'summary.json').read_text()
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again == json.loads(summary_text)
+  assert (workdir / 'summary.json').read_text() == summary_text
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*')
+          if 'compilation_cache' not in p.parts} == before
+  assert f'the run in {workdir} has finished (23 steps' in capsys.readouterr().out
 
 
 def train_masks(workdir, summary):
