@@ -71,7 +71,7 @@ def test_eval_batches_cover_the_set_once_with_padding():
 
 @pytest.mark.parametrize('name,classes', [('cifar10', 10), ('cifar100', 100)])
 def test_cifar_through_mocked_tfds(name, classes):
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=20):
     dataset = data.load(name)
   assert dataset.train_images.shape == (20, 32, 32, 3)
@@ -87,7 +87,6 @@ def test_unknown_dataset():
 
 @pytest.fixture(scope='module')
 def tiny_images(tmp_path_factory):
-  pytest.importorskip('tensorflow')
   from tiny_images import tiny_images  # registers the 'tiny_images' builder
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   tiny_images.TinyImages(data_dir=data_dir).download_and_prepare()

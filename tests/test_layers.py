@@ -1,5 +1,7 @@
 """Tests for condensenet_jax.layers: lowerings, channel shuffle, masks, LGC, BN + ReLU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,14 +68,13 @@ def test_channel_shuffle_is_group_major_to_interleaved():
 
 
 def test_auto_lowering_on_cpu_depends_on_the_map_size_for_condensed_layers_only():
-  if jax.default_backend() != 'cpu':
-    pytest.skip('the rule under test is the CPU one')
   big, small = 32 * 32, layers.CPU_PER_GROUP_MAX_PIXELS
-  assert layers.resolve_lowering('auto', big, condensed=True) == 'block_diagonal'
-  assert layers.resolve_lowering('auto', small, condensed=True) == 'per_group'
-  assert layers.resolve_lowering('auto', small) == 'block_diagonal'  # spatial convolutions
-  assert layers.resolve_lowering('auto', condensed=True) == 'block_diagonal'  # training
-  assert layers.resolve_lowering('grouped', small, condensed=True) == 'grouped'
+  rule = functools.partial(layers.resolve_lowering, backend='cpu')
+  assert rule('auto', big, condensed=True) == 'block_diagonal'
+  assert rule('auto', small, condensed=True) == 'per_group'
+  assert rule('auto', small) == 'block_diagonal'  # spatial convolutions
+  assert rule('auto', condensed=True) == 'block_diagonal'  # training
+  assert rule('grouped', small, condensed=True) == 'grouped'
 
 
 def test_skips_gathers_rule():

@@ -154,7 +154,8 @@ def test_densenet_state_dict_round_trip():
 
 
 def test_load_pth_refuses_code_and_reads_weights(tmp_path):
-  torch = pytest.importorskip('torch')
+  torch = pytest.importorskip(
+      'torch', reason='needs PyTorch, which is not a dependency (pip install torch to run it)')
   state = {'features.init_conv.weight': torch.ones(8, 3, 3, 3)}
   path = tmp_path / 'ckpt.pth.tar'
   torch.save({'state_dict': state, 'epoch': 3}, path)

@@ -179,7 +179,7 @@ def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
 
 
 def test_cifar_config_under_mocked_tfds(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = tiny(cifar_config.get_config())
   config.batch_size = 32
   config.eval_batch_size = 50
