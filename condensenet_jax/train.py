@@ -37,6 +37,7 @@ AXIS = 'batch'
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a training step reads and writes; a pytree, replicated over the mesh."""
   step: jax.Array         # int32 []
   params: Any
   batch_stats: Any
@@ -45,6 +46,8 @@ class TrainState:
   rng: jax.Array          # uint32 [2], the run's base key
 
   def variables(self, masks=None):
+    """The model's variables: `params`, `batch_stats` and, when there are any, `masks`
+    (`masks` replaces the state's own)."""
     v = {'params': self.params, 'batch_stats': self.batch_stats}
     masks = self.masks if masks is None else masks
     if masks:
@@ -55,13 +58,18 @@ class TrainState:
 # --- building blocks from the config ------------------------------------------------------
 
 def compute_dtype(config):
+  """`jnp.float32` or `jnp.bfloat16` for `config.dtype`; raises ValueError for another."""
   if config.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.")
   return jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
 
 
 def build_model(config, num_classes: int):
-  """The training-form model described by `config.model`."""
+  """The training-form model described by `config.model`.
+
+  Raises:
+    ValueError: an unknown `config.model.name` or `config.dtype`.
+  """
   m = config.model
   common = dict(stages=tuple(m.stages), growth=tuple(m.growth), bottleneck=m.bottleneck,
                 group_1x1=m.group_1x1, group_3x3=m.group_3x3, num_classes=num_classes,
@@ -109,7 +117,12 @@ def _apply_events(state: TrainState, model, total_steps: int):
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_steps, mean,
                std, augment_on_device: bool, count_trace: Callable[[], None] = lambda: None):
-  """One SGD step on this device's share of the global batch (runs inside shard_map)."""
+  """One SGD step on this device's share of the global batch (runs inside shard_map).
+
+  `batch`: `{'image': uint8 [b, h, w, 3], 'label': int32 [b]}`, augmented here when
+  `augment_on_device` (else already on the host). Returns `(new state, metrics)`; a step with a non-finite loss or
+  gradient returns the state unchanged and `metrics['finite']` False.
+  """
   count_trace()
   local_batch = batch['label'].shape[0]
   if state.masks:
@@ -163,13 +176,18 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   return new, metrics
 
 
-# Inference on CPU runs fastest on chunks of this many examples (the activations of a chunk
-# stay in cache); other backends take the whole per-device batch at once.
+# Inference on CPU runs in chunks of this many examples (the activations of a chunk stay in
+# cache); other backends take the whole per-device batch at once.
+# Chosen by measurement: docs/backends.md#eval-chunk.
 CPU_EVAL_CHUNK = 32
 
 
 def eval_chunk(config) -> int:
-  """Examples per inference pass on each device (0: the whole per-device batch)."""
+  """Examples per inference pass on each device (0: the whole per-device batch).
+
+  `config.eval_chunk` when it is 0 or more; for -1 (default) `CPU_EVAL_CHUNK` on CPU and 0
+  elsewhere.
+  """
   chunk = config.get('eval_chunk', -1)
   if chunk < 0:
     return CPU_EVAL_CHUNK if jax.default_backend() == 'cpu' else 0
@@ -266,12 +284,12 @@ class Run:
 CPU_CONVOLUTIONS = ('xla', 'ynnpack')
 
 # XLA's CPU backend (JAX 0.10) hands matrix products, convolutions and reductions to YNNPACK
-# (`xla_cpu_experimental_ynn_fusion_type`). This list keeps the products and reductions there
-# and gives the convolutions back to XLA's own kernels, which ran CondenseNet-86's training step
-# and inference faster on a 2-core x86 CPU (README, Performance). It also lowers LLVM's
-# optimization level from 2 to 1 (`xla_backend_optimization_level`): LLVM's part of compiling
-# the CondenseNet-86 training step took 9.3-12.0 s instead of 14.2-15.7 s, at the same step
-# and inference speed (README, Performance).
+# (`xla_cpu_experimental_ynn_fusion_type`). These options keep the products and reductions
+# there and give the convolutions back to XLA's own kernels; they also lower LLVM's
+# optimization level from 2 to 1 (`xla_backend_optimization_level`), which shortens
+# compilation. Options of the run's compiled programs only, not XLA_FLAGS: nothing else in
+# the process changes.
+# Chosen by measurement: docs/backends.md#cpu-compiler-options.
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
                          'xla_backend_optimization_level': 1}
@@ -284,6 +302,10 @@ def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
   own, and LLVM at optimization level 1: `_CPU_COMPILER_OPTIONS`) or 'ynnpack' (what this JAX
   does by itself, at its default level). Other backends get no options. A JAX that does not
   know the options gets none either, with a warning.
+  Chosen by measurement: docs/backends.md#cpu-convolutions.
+
+  Raises:
+    ValueError: `config.cpu_convolutions` is not one of `CPU_CONVOLUTIONS`.
   """
   choice = _cpu_convolutions(config)
   if (backend or jax.default_backend()) != 'cpu' or choice == 'ynnpack':
@@ -350,7 +372,13 @@ def setup(config, workdir: str, devices=None,
           dataset: Optional[data.InMemoryDataset] = None) -> Run:
   """Loads the data and builds the model, schedule and compiled programs of a run over
   `devices` (default: all devices of all processes). A given in-memory `dataset` (for example
-  `data.synthetic`) replaces the one `config.dataset` names."""
+  `data.synthetic`) replaces the one `config.dataset` names.
+
+  Raises:
+    ValueError: naming the field and the fix, for a config that cannot run (`validate`, the
+      model's architecture, an image size the model does not take, too few steps to condense).
+    DatasetUnavailableError: the data is not on disk and cannot be downloaded.
+  """
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
   mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -410,6 +438,8 @@ def setup(config, workdir: str, devices=None,
 
 
 def initial_state(run: Run) -> TrainState:
+  """Step 0 of `run`: variables from `models.init_variables` (seeded by `config.seed`), fresh
+  optimizer state, replicated over the run's mesh."""
   variables = models.init_variables(run.model, seed=run.config.seed)
   params = variables['params']
   opt_state = jax.jit(run.tx.init)(params)
@@ -457,7 +487,7 @@ def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
 
 
 class NonFiniteError(FloatingPointError):
-  pass
+  """A training step had a non-finite loss or gradient; it was not applied."""
 
 
 def _stage(run: Run, step: int) -> int:
@@ -805,13 +835,18 @@ def check_workdir(workdir: str) -> None:
                      'a --workdir in a directory you can write to.') from None
 
 
-def _finished_summary(run: Run, ckpt: checkpoint.Checkpoints) -> Optional[dict[str, Any]]:
+def _finished_summary(run: Run) -> Optional[dict[str, Any]]:
   """The summary of a run that already ended in this workdir (its final checkpoint and its
-  summary.json are there), else None."""
+  summary.json are there), else None. Decided from files that every process sees alike."""
   path = os.path.join(run.workdir, 'summary.json')
-  if ckpt.latest_step() != run.total_steps or not os.path.exists(path):
+  directory = os.path.join(run.workdir, 'checkpoints')
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(directory, str(run.total_steps)))):
     return None
-  _check_same_run(run, ckpt.meta(run.total_steps), ckpt.directory)
+  ckpt = checkpoint.Checkpoints(directory, run.config.keep_checkpoints)
+  try:
+    _check_same_run(run, ckpt.meta(run.total_steps), ckpt.directory)
+  finally:
+    ckpt.close()
   with open(path) as f:
     return json.load(f)
 
@@ -854,17 +889,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
   run = setup(config, workdir)
   model = run.model
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-    finished = _finished_summary(run, ckpt)
-    if finished is not None:
-      ckpt.close()
-      log(f'the run in {workdir} has finished ({run.total_steps} steps, test accuracy '
-          f'{finished.get("accuracy", float("nan")):.4f}); its summary is '
-          f'{os.path.join(workdir, "summary.json")}. Nothing to do: use another --workdir '
-          'to train again.')
-      return finished
-    ckpt.close()
+  finished = _finished_summary(run)
+  if finished is not None:
+    log(f'the run in {workdir} has finished ({run.total_steps} steps, test accuracy '
+        f'{finished.get("accuracy", float("nan")):.4f}); its summary is '
+        f'{os.path.join(workdir, "summary.json")}. Nothing to do: use another --workdir '
+        'to train again.')
+    return finished
   log(_header(run))
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
