@@ -23,6 +23,7 @@ def tiny_config(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.slow
 def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   result = bench.main(['--config', tiny_config, '--mode', 'train', '--batch-size', '8',
                        '--steps', '2', '--warmup', '0', '--compile-phases'])
@@ -108,6 +109,7 @@ def test_dense_blocks_flag(tiny_config):
                 '--steps', '1', '--dense-blocks', 'fast'])
 
 
+@pytest.mark.slow
 def test_module_entry_point_prints_json_last(tiny_config):
   out = subprocess.run(
       [sys.executable, '-m', 'benchmarks.bench', '--config', tiny_config, '--mode',
@@ -124,6 +126,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
     bench.main(['--config', str(tmp_path / 'nope.py'), '--mode', 'train'])
 
 
+@pytest.mark.slow
 def test_suite_runs_a_group_in_a_child_process_and_keeps_each_figure(tmp_path, capsys,
                                                                      monkeypatch):
   from condensenet_jax import train  # pylint: disable=g-import-not-at-top
@@ -250,6 +253,7 @@ def test_cost_estimate_never_breaks_a_measurement(cost, expected):
   assert bench._cost(Program()) == expected  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_op_profile_joins_the_trace_with_the_compiled_program(tiny_config, capsys):
   from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
   result = op_profile.main(['--config', tiny_config, '--mode', 'train', '--batch-size', '8',

@@ -191,9 +191,12 @@ def test_condense_event_compiles_once_for_all_events():
 
 @pytest.mark.parametrize('fields,seed', [
     (dict(growth=(4, 8, 8), group_1x1=4, group_3x3=4, condense_factor=4), 0),
-    (dict(growth=(4, 8, 8), group_1x1=2, group_3x3=2, condense_factor=4), 1),
-    (dict(growth=(8, 8, 8), group_1x1=8, group_3x3=8, condense_factor=8), 2),
-    (dict(growth=(4, 8, 8), group_1x1=4, group_3x3=2, condense_factor=2), 3),
+    pytest.param(dict(growth=(4, 8, 8), group_1x1=2, group_3x3=2, condense_factor=4), 1,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(growth=(8, 8, 8), group_1x1=8, group_3x3=8, condense_factor=8), 2,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(growth=(4, 8, 8), group_1x1=4, group_3x3=2, condense_factor=2), 3,
+                 marks=pytest.mark.slow),
 ])
 def test_condensing_then_export_preserves_the_function(fields, seed):
   model = models.CondenseNet(stages=(2, 2, 2), num_classes=7, **fields)

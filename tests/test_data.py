@@ -93,6 +93,7 @@ def tiny_images(tmp_path_factory):
   return data_dir, tiny_images
 
 
+@pytest.mark.slow
 def test_imagenet_train_pipeline_is_deterministic_and_resumable(tiny_images):
   data_dir, module = tiny_images
   kwargs = dict(global_batch=8, image_size=24, data_dir=data_dir, name='tiny_images')

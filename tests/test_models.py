@@ -59,6 +59,7 @@ def test_densenet_bc100_parameters():
   assert shapes['params']['transition_2']['conv']['kernel'].shape == (1, 1, 300, 150)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['flax_init', 'init_variables'])
 def test_initialization_follows_official_code(how):
   model = models.CondenseNet(stages=(2, 2, 2), growth=(8, 16, 32))
@@ -83,6 +84,7 @@ def test_initialization_follows_official_code(how):
     np.testing.assert_array_equal(mask, 1.0)
 
 
+@pytest.mark.slow
 def test_apply_never_writes_masks_and_dropout_needs_rng():
   model = models.CondenseNetTiny(dropout_rate=0.5)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
@@ -109,6 +111,7 @@ def test_lowerings_give_the_same_model():
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lowerings_give_the_same_condensed_model():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   model = models.CondenseNetTiny()
@@ -122,6 +125,7 @@ def test_lowerings_give_the_same_condensed_model():
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gather_forms_give_the_same_condensed_model():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   model = models.CondenseNetTiny()
@@ -154,7 +158,8 @@ def test_dense_blocks_rule():
         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 
 
-@pytest.mark.parametrize('form', ['learned', 'condensed', 'bfloat16'])
+@pytest.mark.parametrize('form', ['learned', pytest.param('condensed', marks=pytest.mark.slow),
+                                  pytest.param('bfloat16', marks=pytest.mark.slow)])
 def test_dense_block_forms_give_the_same_model(form):
   """Eval mode with the features written into one buffer is the concatenating model: bit for
   bit in float32 (training and condensed forms); in bfloat16 XLA may round a few values of
@@ -185,6 +190,7 @@ def test_dense_block_forms_give_the_same_model(form):
   assert np.abs(np.asarray(logits)).max() > 0
 
 
+@pytest.mark.slow
 def test_dense_block_forms_give_the_same_gradients():
   """Training with the preallocated buffer (not the default there) computes the same loss,
   gradients and batch statistics as with concatenation, to float32 rounding."""
@@ -259,6 +265,7 @@ def test_condensed_net_from_model_keeps_fields():
 @pytest.mark.parametrize('model', [models.CondenseNetTiny(),
                                    models.DenseNet(stages=(2, 2), growth=(4, 4))],
                          ids=['condensenet', 'densenet'])
+@pytest.mark.slow
 def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
   """In training a dense block hands each layer's first BN the batch statistics of its input,
   computed once per channel. Loss, gradients and running averages are those of BNs that

@@ -20,6 +20,9 @@ import pytest
 
 from condensenet_jax import checkpoint, train
 
+# Every test here trains (most in subprocesses): the full tier.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import digits as digits_config  # pylint: disable=g-import-not-at-top

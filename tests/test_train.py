@@ -16,6 +16,9 @@ import pytest
 
 from condensenet_jax import checkpoint, condense, data, flops, models, train
 
+# Every test here trains: the full tier.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT))
