@@ -332,6 +332,8 @@ def run(args) -> dict:
 
 
 def main(argv=None):
+  """Runs the benchmark `argv` describes, prints a summary and the JSON line; returns the
+  record."""
   args = parse_args(argv)
   result = run(args)
   print(f"{result['mode']}: {result['model']} {result['stages']}x{result['growth']}, "

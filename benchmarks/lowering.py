@@ -40,6 +40,7 @@ def _condensed(model):
 
 
 def main():
+  """Times each lowering named by the command line and prints one row each, then the JSON."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='CondenseNet86')
   parser.add_argument('--batch-size', type=int, default=64)

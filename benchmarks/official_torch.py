@@ -32,6 +32,7 @@ MODES = ('train', 'infer_masked', 'infer_converted')
 
 
 def parse_args(argv=None):
+  """The command line; `--modes` becomes a list (argparse exits on an unknown mode)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--official-dir', required=True,
                       help='a checkout of the official CondenseNet repository')
@@ -73,6 +74,8 @@ def _import_official(path):
 
 
 def main(argv=None):
+  """Times each mode `argv` names, one JSON line each; returns the records. Exits with an
+  error line (SystemExit) when PyTorch or the official code cannot be imported."""
   args = parse_args(argv)
   torch, LearnedGroupConv, CondenseNet, Converted = _import_official(args.official_dir)
   device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))

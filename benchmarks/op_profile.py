@@ -22,11 +22,10 @@ Prints the categories, then the `--top` most expensive operations; the last line
 object with both. Times are summed over the steps' events and divided by the number of steps;
 on a CPU, operations on different threads overlap, so the sum can exceed the wall time.
 XLA's own CPU convolutions (`config.cpu_convolutions='xla'`) run asynchronously, and most of
-their events cover little more than the launch: in one trace of the CondenseNet-86 training
-step at batch 64, the 129 convolution events had a median of 94 us and summed to 31 ms,
-where the 3x3 convolutions alone take milliseconds each. Their time shows up in the
-operations that run beside them, mostly transposes and elementwise work of the backward pass;
-time a convolution alone (`benchmarks/lowering.py`) or compare whole programs instead.
+their events cover little more than the launch (docs/performance.md#how-to-measure). Their
+time shows up in the operations that run beside them, mostly transposes and elementwise work
+of the backward pass; time a convolution alone (`benchmarks/lowering.py`) or compare whole
+programs instead.
 """
 
 import argparse
@@ -123,6 +122,9 @@ def op_times(trace_dir: str) -> collections.Counter:
 
 
 def summarize(totals: collections.Counter, hlo: dict, steps: int, top: int) -> dict:
+  """Per-step times from `totals` (microseconds per HLO operation, summed over `steps`) joined
+  with `hlo` (`parse_hlo`): `{'total_ms', 'categories': [{'category', 'ms', 'ops'}, ...],
+  'top': the `top` costliest operations}`, costliest first."""
   categories = collections.Counter()
   counts = collections.Counter()
   rows = []
@@ -152,6 +154,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+  """Profiles the program `argv` describes, prints the summary and returns it."""
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   prepared = bench.prepare(args)

@@ -131,7 +131,7 @@ def measure_peaks(quick: bool) -> list:
                   'gb_per_s': 2 * 4 * n / seconds / 1e9, 'bytes': 4 * n})
   size = 256 if quick else (8192 if gpu else 2048)
   for dtype in ('float32', 'bfloat16'):
-    # Random operands: constant ones or zeros run faster than real data on some GPUs.
+    # Random operands: constant ones or zeros can overstate a GPU's rate.
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
     seconds = timed(jax.jit(lambda p, q: p @ q), a, a)
     results.append({'impl': 'peak', 'what': f'matmul_{dtype}', 'device': device,
@@ -187,6 +187,7 @@ def _spawn(group: str, command: list, deadline, out: str) -> bool:
 
 
 def read_results(path: str) -> list:
+  """The records of a JSON-lines file, one dict per non-empty line."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -290,6 +291,7 @@ def ratios(results: list) -> list:
 
 
 def parse_args(argv=None):
+  """The suite's flags (`--group` is the worker mode the suite spawns itself in)."""
   parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
   parser.add_argument('--config', default=None,
                       help='a config file (default: configs/cifar.py; with --quick a tiny one)')
@@ -316,6 +318,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+  """Runs the groups `argv` names and prints the table; returns every record of `--out`
+  (with `--group`, runs that one group as a worker and returns None).
+
+  Exits with an error line (SystemExit) for a missing `--config`, unknown `--groups` or an
+  existing `--out`.
+  """
   args = parse_args(argv)
   if args.group:
     worker(args)

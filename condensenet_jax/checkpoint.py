@@ -31,12 +31,16 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> Optional[int]:
+    """The newest saved step, or None when there is none."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Saved steps, oldest first."""
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts writing `state` (a pytree of arrays) and `meta` (JSON-serializable) as checkpoint
+    `step`; returns before the write ends (`wait`)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -63,9 +67,11 @@ class Checkpoints:
     return target
 
   def wait(self) -> None:
+    """Blocks until every started save is on disk."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
     self.manager.close()
 
 
@@ -112,6 +118,11 @@ def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, di
   Returns `(model, variables)`; `model.apply(variables, x)` gives logits for normalized float
   images `x` [n, h, w, 3] (`load_classifier` takes raw uint8 images instead). Keyword
   `overrides` set model fields such as `dtype`, `conv_lowering`, `dense_blocks` or `gathers`.
+
+  Raises:
+    FileNotFoundError: `directory` lacks `model.json` or `variables.npz`.
+    ValueError: copies of a gathered channel have different BN terms while the model may skip
+      its gathers (`condense.check_gathered_norms`; load with `gathers='keep'`).
   """
   model, variables, _ = _read_condensed(directory, overrides)
   return model, variables
@@ -123,7 +134,8 @@ class Classifier:
   `classifier(images)` takes uint8 RGB images [n, s, s, 3] with s = `image_size` (for ImageNet,
   resized to a shorter side of `preprocessing['resize_shorter']` and center-cropped, as in
   evaluation) and returns float32 logits [n, num_classes]; normalization happens inside, in
-  one compiled program per batch shape. `class_names[i]` names label i.
+  one compiled program per batch shape. `class_names[i]` names label i. Raises ValueError for
+  images of another dtype or shape.
   """
 
   def __init__(self, model: models.CondensedNet, variables: dict[str, Any],
@@ -134,10 +146,12 @@ class Classifier:
 
   @property
   def class_names(self) -> list[str]:
+    """`num_classes` names; `class_names[i]` names label i."""
     return self.preprocessing['class_names']
 
   @property
   def image_size(self) -> int:
+    """Side of the square images the classifier takes."""
     return self.preprocessing['image_size']
 
   def __call__(self, images) -> jax.Array:
@@ -156,6 +170,10 @@ def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = No
   The preprocessing saved in its `model.json` is used; `preprocessing` (see
   `data.preprocessing`) replaces it, for a model saved without one. `overrides` as in
   `load_condensed`.
+
+  Raises:
+    FileNotFoundError, ValueError: as `load_condensed`; ValueError also when no preprocessing
+      is saved or given.
   """
   model, variables, spec = _read_condensed(directory, overrides)
   preprocessing = preprocessing or spec.get('preprocessing')

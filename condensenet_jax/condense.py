@@ -80,7 +80,8 @@ def group_lasso(params, masks, model=None):
   sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)).
 
   The train step multiplies it by lambda while `is_condensing(stage)`. `model` is accepted for
-  a uniform signature; the layers are found through the masks.
+  a uniform signature; the layers are found through the masks. Returns a float32 scalar `[]`.
+  Raises ValueError if a mask has no kernel at the same path in `params`.
   """
   del model
   total = jnp.zeros((), jnp.float32)
@@ -120,8 +121,8 @@ def _drop(kernel, mask, condense_factor, in_channels=None):
   score = _group_sums(jnp.abs(kernel * layers.expand_mask(mask, kernel.shape[1])), groups)
   score = jnp.where(mask > 0, score, jnp.inf)  # pruned inputs are never picked again
   # Rank of every input within its group in ascending score order, ties to the lower index
-  # (what a stable argsort gives), by pairwise comparison: it compiles far faster than a sort
-  # inside the training step. The [in, in, G] comparison is small (at most 1936^2 * G entries,
+  # (what a stable argsort gives), by pairwise comparison: a sort inside the training step
+  # takes far longer to compile. The [in, in, G] comparison is small (at most 1936^2 * G entries,
   # in CondenseNet-74's last block) and runs only at the condensing events.
   index = jnp.arange(rows)
   before = (score[None, :, :] < score[:, None, :]) | (
@@ -181,7 +182,11 @@ def condense_all(params, masks, model):
 
 
 def condensed_layers(masks, model) -> dict[str, int]:
-  """`{layer path: condensing events its mask shows}` for concrete masks."""
+  """`{layer path: condensing events its mask shows}` for concrete masks.
+
+  Raises:
+    ValueError: naming the layer, if its mask is not one condensing produces (`events_done`).
+  """
   out = {}
   for key, mask in traverse_util.flatten_dict(masks).items():
     name = '/'.join(key[:-1])

@@ -49,6 +49,7 @@ class InMemoryDataset:
 
   @property
   def image_size(self) -> int:
+    """Side of the (square) images, in pixels."""
     return self.train_images.shape[1]
 
   def preprocessing(self) -> dict[str, Any]:
@@ -66,6 +67,9 @@ def preprocessing(dataset: str, image_size: int, mean, std, num_classes: int,
   `class_names` (`num_classes` strings, label i -> class_names[i]); `resize_shorter` (the
   evaluation images were resized to this shorter side and center-cropped to `image_size`; None:
   taken as they are).
+
+  Raises:
+    ValueError: `class_names` does not hold `num_classes` names.
   """
   names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
   if len(names) != num_classes:
@@ -98,7 +102,11 @@ def digits(test_fraction: float = 0.2) -> InMemoryDataset:
 
 def synthetic(name: str, num_train: int, num_test: int = 0, seed: int = 0) -> InMemoryDataset:
   """Random uint8 images and labels with the shapes and class count of dataset `name`, for
-  timing and tests without the data (`benchmarks.bench`)."""
+  timing and tests without the data (`benchmarks.bench`). Deterministic in `seed`.
+
+  Raises:
+    ValueError: `name` is not one of `DATASETS`.
+  """
   if name not in SHAPES:
     raise ValueError(f'dataset={name!r} is unknown; use one of {DATASETS}.')
   size, classes = SHAPES[name]
@@ -145,7 +153,11 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cifar(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
-  """CIFAR-10/100 through tfds (downloaded and prepared once), as uint8 host arrays."""
+  """CIFAR-10/100 through tfds (downloaded and prepared once), as uint8 host arrays.
+
+  Raises:
+    DatasetUnavailableError: the data is not prepared and cannot be downloaded.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
 
@@ -174,7 +186,12 @@ def cifar(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
 
 
 def load(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
-  """The in-memory dataset `name` ('digits', 'cifar10' or 'cifar100')."""
+  """The in-memory dataset `name` ('digits', 'cifar10' or 'cifar100').
+
+  Raises:
+    ValueError: `name` is 'imagenet2012' (streamed, not held in memory) or unknown.
+    DatasetUnavailableError: as `cifar`.
+  """
   if name == 'digits':
     return digits()
   if name in CIFAR_STATS:
@@ -242,7 +259,11 @@ def augment(images: jax.Array, keys: jax.Array, padding: int, flip: bool) -> jax
 def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields (images, labels, valid) of this process, covering the whole set once; the last
-  batch is padded with zeros and `valid` = 0 marks the padding."""
+  batch is padded with zeros and `valid` = 0 marks the padding.
+
+  Each batch: images uint8 `[b, h, w, c]`, labels `[b]`, valid float32 `[b]`, with `b` this
+  process's share of `global_batch` (`process_slice`).
+  """
   n = len(labels)
   share = process_slice(global_batch)
   for start in range(0, n, global_batch):
@@ -282,6 +303,11 @@ def _imagenet_builder(data_dir, name='imagenet2012'):
 
 def imagenet_num_examples(data_dir: Optional[str] = None, name: str = 'imagenet2012'
                           ) -> dict[str, int]:
+  """`{'train': n, 'validation': n}`: the example counts of tfds' ImageNet.
+
+  Raises:
+    DatasetUnavailableError: ImageNet is not prepared (it cannot be downloaded automatically).
+  """
   builder = _imagenet_builder(data_dir, name)
   return {s: builder.info.splits[s].num_examples for s in ('train', 'validation')}
 
@@ -298,7 +324,9 @@ def imagenet_train(seed: int, start_step: int, global_batch: int, image_size: in
   """This process's training batches of ImageNet from `start_step` on: uint8 random-resized
   crops with random flips (augmentation on the host: JPEG decoding has to happen there).
 
-  The order is deterministic in (seed, epoch) and resumes at `start_step` by skipping.
+  The order is deterministic in (seed, epoch) and resumes at `start_step` by skipping. Each
+  batch: `{'image': uint8 [b, image_size, image_size, 3], 'label': int32 [b]}`, `b` this
+  process's share of `global_batch`. Endless (epoch after epoch).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf = _tf()

@@ -123,6 +123,10 @@ def count(model, image_size: int) -> tuple[int, int]:
 
   Works for `models.CondenseNet` (training form, LGC counted as dense / C),
   `models.CondensedNet` (the exported form) and `models.DenseNet`.
+
+  Raises:
+    TypeError: `model` is none of these.
+    ValueError: a CondenseNet whose architecture cannot be built (`CondenseNet.check`).
   """
   n = _counted(model, image_size, 'count')
   return n.ops, n.params
@@ -134,5 +138,8 @@ def multiply_adds(model, image_size: int) -> int:
   Convolutions and the classifier only (no BN, ReLU, pooling or biases). Unlike `count`, the
   training form's learned group convolutions count dense: that is what the masked model runs.
   For CondenseNet-86 on 32x32 images: 173M (training form) against 62M (condensed).
+
+  Raises:
+    TypeError, ValueError: as `count`.
   """
   return _counted(model, image_size, 'multiply_adds').multiply_adds

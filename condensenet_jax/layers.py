@@ -30,9 +30,8 @@ LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
 # On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of at most this
 # many pixels run group by group (`CondensedConv._per_group`: per-group gathers and matmuls);
 # on larger maps they skip their gathers (`CPU_GATHER_FREE_MIN_PIXELS`) or run one
-# block-diagonal matmul. With XLA's own convolution kernels (`train.compiler_options`), 64
-# (the 8x8 maps only) ran the same as 256: 1731 against 1771 ms a condensed-inference step at
-# batch 256, alternating in one process.
+# block-diagonal matmul.
+# Chosen by measurement: docs/backends.md#cpu-per-group-max-pixels.
 CPU_PER_GROUP_MAX_PIXELS = 256
 
 
@@ -43,19 +42,23 @@ def resolve_lowering(lowering: str, pixels: Optional[int] = None, condensed: boo
   'grouped' is XLA's `feature_group_count` convolution (what TPUs run natively);
   'block_diagonal' runs one dense convolution with a kernel whose off-diagonal blocks are zero;
   'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
-  'auto' picks:
+  All three compute the same function. 'auto' picks:
     - TPU: 'grouped';
-    - GPU: 'block_diagonal'. On an H200 with cuDNN it beat 'grouped' everywhere it was
-      measured: CondenseNet-86 training 3794 vs 3082 img/s (batch 64, float32) and 11333 vs
-      8701 (batch 256, bfloat16); condensed inference at batch 1024 22291 vs 9839 (float32) and
-      42397 vs 12765 (bfloat16); 'per_group' was slower in training (2449 img/s);
-    - CPU: 'block_diagonal' (XLA's CPU backend runs grouped convolutions several times
-      slower), except 'per_group' for the condensed model's 1x1 convolutions (`condensed`)
-      over maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when given: the layer
-      passes it in eval mode only). Spatial convolutions on small maps also ran per group until
-      the run's convolutions moved to XLA's own kernels; with these, block-diagonal 3x3
-      convolutions on every map size took inference at batch 256 from 1932 to 1753 ms a step
-      (masked model) and from 1892 to 1747 ms (condensed), alternating in one process.
+    - GPU: 'block_diagonal';
+    - CPU: 'block_diagonal', except 'per_group' for the condensed model's 1x1 convolutions
+      (`condensed`) over maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when
+      given: the layer passes it in eval mode only).
+  Chosen by measurement: docs/backends.md#conv-lowering.
+
+  Args:
+    lowering: 'auto' or one of `LOWERINGS`.
+    pixels: map height x width of the convolution's input, or None (training).
+    condensed: whether the convolution is a condensed model's 1x1 group convolution.
+    backend: 'cpu', 'gpu', 'tpu', ...; default `jax.default_backend()`.
+  Returns:
+    One of `LOWERINGS`; an explicit `lowering` is returned as it is.
+  Raises:
+    ValueError: `lowering` is neither 'auto' nor one of `LOWERINGS`.
   """
   if lowering == 'auto':
     backend = backend or jax.default_backend()
@@ -75,6 +78,7 @@ GATHER_FORMS = ('keep', 'skip')
 
 # With gathers='auto', on CPU, in eval mode, condensed 1x1 convolutions over maps of more than
 # this many pixels run without their channel gather (`CondensedConv`); smaller maps keep it.
+# Chosen by measurement: docs/backends.md#cpu-gather-free-min-pixels.
 CPU_GATHER_FREE_MIN_PIXELS = 64
 
 
@@ -84,10 +88,12 @@ def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str]
   `gathers`: 'keep'; 'skip' (eval mode only: training always gathers, since the copies of a
   channel that several groups read get gradients of their own); or 'auto', which skips in
   eval mode on CPU (`backend`, default: JAX's) on maps of more than
-  `CPU_GATHER_FREE_MIN_PIXELS` pixels. XLA's CPU gathers copy one element at a time; on
-  CondenseNet-86's 32x32 and 16x16 maps a matmul over all input channels cost less than the
-  gather it replaces, on 8x8 maps the per-group gathers and matmuls stayed faster. Other
-  backends keep their gathers under 'auto' until skipping them is measured there.
+  `CPU_GATHER_FREE_MIN_PIXELS` pixels and keeps the gathers elsewhere. Both forms compute the
+  same function when the copies of a channel share their BN terms
+  (`condense.check_gathered_norms`). Chosen by measurement: docs/backends.md#gathers.
+
+  Raises:
+    ValueError: `gathers` is not 'auto', 'keep' or 'skip'.
   """
   if gathers not in ('auto',) + GATHER_FORMS:
     raise ValueError(f'gathers={gathers!r} is not one of {("auto",) + GATHER_FORMS}.')
@@ -100,8 +106,7 @@ def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str]
 
 def _pixels(x, train: bool) -> Optional[int]:
   """The map size the 'auto' rule sees: none in training, which stays block-diagonal (per-group
-  convolutions in training compiled much longer: 73 s instead of 40 s for the CondenseNet-86
-  step, for a step at most ~10% faster)."""
+  convolutions make the training step compile much longer: docs/backends.md#conv-lowering)."""
   return None if train else x.shape[1] * x.shape[2]
 
 
@@ -134,6 +139,8 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
     lowering: see `resolve_lowering`.
   Returns:
     `[batch, h', w', out]`, the same function for every lowering.
+  Raises:
+    ValueError: an unknown `lowering` (`resolve_lowering`).
   """
   kh, kw, in_per_group, out = kernel.shape
   pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
@@ -165,7 +172,9 @@ def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
-  """Group-major channel order `g * (C/G) + k` -> interleaved order `k * G + g`."""
+  """Group-major channel order `g * (C/G) + k` -> interleaved order `k * G + g`.
+
+  `x`: `[..., C]` with `C` divisible by `groups`; returns the same shape."""
   c = x.shape[-1]
   y = x.reshape(x.shape[:-1] + (groups, c // groups))
   return jnp.swapaxes(y, -1, -2).reshape(x.shape)
@@ -188,7 +197,9 @@ def _channel_axes(x) -> tuple[int, ...]:
 
 def batch_stats(x, axis_name=None):
   """Per-channel batch mean and biased variance of `x` in float32, as `BatchNormReLU`
-  computes them in training (averaged over `axis_name` if set)."""
+  computes them in training (averaged over `axis_name` if set).
+
+  `x`: `[..., c]`; returns `(mean, var)`, each `[c]` float32."""
   return _batch_stats(x.astype(jnp.float32), axis_name)
 
 
@@ -251,6 +262,9 @@ class BatchNormReLU(nn.Module):
   input and the output (which the convolution after it keeps anyway). With `axis_name` the
   batch statistics are averaged over that mapped axis (synchronized BN).
 
+  Call: `x` `[..., c]` -> `[..., c]` in `dtype`. In training (`use_running_average=False`)
+  the running `mean` and `var` are updated unless the module is initializing.
+
   In training, `stats=(mean, var)` may give the batch statistics of `x` (`batch_stats(x)`),
   computed once by a caller that feeds the same channels to several BNs (a dense block): they
   are used as they are, and the gradient for `x` still includes the statistics' dependence on
@@ -281,6 +295,7 @@ class BatchNormReLU(nn.Module):
     return out
 
   def multiplier(self, var, scale):
+    """`rsqrt(var + epsilon) * scale`, per channel: the eval-mode scale of the normalization."""
     return jax.lax.rsqrt(var + self.epsilon) * scale
 
   def normalize(self, x, multiplier, mean, bias):
@@ -296,7 +311,11 @@ def batch_norm_relu(module: nn.Module, train: bool, name: str = 'norm') -> Batch
 
 
 class Conv(nn.Module):
-  """BN -> ReLU -> grouped convolution (the official `Conv`), no bias."""
+  """BN -> ReLU -> grouped convolution (the official `Conv`), no bias.
+
+  Call: `x` `[n, h, w, in]` -> `[n, h', w', features]`; `in` and `features` must be divisible
+  by `groups`. `stats`: optional batch statistics of `x` for the BN (see `BatchNormReLU`).
+  """
   features: int
   kernel_size: int
   groups: int = 1
@@ -325,6 +344,8 @@ class LearnedGroupConv(nn.Module):
   Output channel `o` belongs to group `o % groups`; the mask (`'masks'` collection, shape
   `(in_channels, groups)`, float 0/1) says which inputs each group reads. The effective kernel
   is `kernel * mask[:, arange(out) % groups]`.
+
+  Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`; `stats` as in `BatchNormReLU`.
   """
   features: int
   groups: int
@@ -352,6 +373,10 @@ class CondensedConv(nn.Module):
   kernel is a grouped kernel `(1, 1, kept / groups, out)` whose output channels come out
   group-major and are shuffled back into the LGC's interleaved order. In eval mode the gather
   can be skipped (`gathers`, see `skips_gathers`).
+
+  Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`, where `kept = in * groups /
+  condense_factor`. Raises ValueError for an unknown `gathers`, and for an unknown
+  `conv_lowering` where the gather is kept.
   """
   features: int
   groups: int
@@ -370,7 +395,8 @@ class CondensedConv(nn.Module):
                         jnp.float32).astype(self.dtype)
     if skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
       return self._gather_free(x, index.value, norm, kernel)
-    # On CPU, in eval mode, per group on small maps (measured faster there), else block-diagonal.
+    # On CPU, in eval mode, per group on small maps, else block-diagonal
+    # (docs/backends.md#cpu-per-group-max-pixels).
     lowering = resolve_lowering(self.conv_lowering, _pixels(x, train), condensed=True)
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
@@ -425,7 +451,10 @@ class CondensedConv(nn.Module):
 
 
 class CondensedLinear(nn.Module):
-  """Classifier of the condensed model: gather the kept features, then a smaller Linear."""
+  """Classifier of the condensed model: gather the kept features, then a smaller Linear.
+
+  Call: `x` `[n, in]` -> `[n, features]`; `index` (`'indices'` collection) is `[kept]`.
+  """
   features: int
   kept: int
   dtype: Any = jnp.float32

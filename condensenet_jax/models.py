@@ -25,6 +25,11 @@ STEMS = {'cifar': (1, 8), 'imagenet': (2, 7)}
 
 
 def stem_geometry(stem: str) -> tuple[int, int]:
+  """`(stride of the first convolution, window of the final average pooling)` of `stem`.
+
+  Raises:
+    ValueError: `stem` is not one of `STEMS`.
+  """
   if stem not in STEMS:
     raise ValueError(f'stem={stem!r} is unknown; use one of {sorted(STEMS)} '
                      "('cifar': stride 1 and 8x8 final pooling, 'imagenet': stride 2 and 7x7).")
@@ -42,6 +47,7 @@ def dense_layer_inputs(stages: Sequence[int], growth: Sequence[int]):
 
 
 def final_channels(stages: Sequence[int], growth: Sequence[int]) -> int:
+  """Channels after the last dense block of a CondenseNet (transitions keep the count)."""
   return 2 * growth[0] + sum(n * k for n, k in zip(stages, growth))
 
 
@@ -101,19 +107,11 @@ def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] 
   """How a dense block collects its layers' features: 'concatenate' (each layer's new features
   are concatenated onto a copy of everything before them) or 'preallocate' (one buffer of the
   block's final width, into which each layer writes its features in place). The two compute
-  the same function. 'auto' picks 'preallocate' in eval mode on CPU, 'concatenate' otherwise.
+  the same function. 'auto' picks 'preallocate' in eval mode on CPU (`backend`, default:
+  JAX's), 'concatenate' otherwise. Chosen by measurement: docs/backends.md#dense-blocks.
 
-  Concatenation copies the whole block input at every layer, which is quadratic in the number
-  of layers. The buffer is written once and each layer reads its prefix in place. On CPU in
-  eval mode (CondenseNet-86, batch 256, chunks of 32) this took the concatenations from 311 to
-  76 ms of a condensed-inference step, while the gathers that read the buffer went from 552 to
-  647 ms; the two programs alternating in one process took a median 1895 vs 2066 ms a step
-  (condensed) and 1860 vs 1934 ms (masked). In training it was slower (3817-4276 vs 3417-3896
-  ms a step at batch 64): the gradient of the buffer is a pass over the whole block width at
-  every layer, more than the gradients of the concatenations. (A custom gradient that adds each
-  layer's input gradient in place into the buffer's prefix gave bit-identical training but was
-  slower still: 4266 vs 3838 ms a step.) Other backends keep concatenation: the buffer has not
-  been measured there (`benchmarks.bench --dense-blocks`).
+  Raises:
+    ValueError: `dense_blocks` is not 'auto' or one of `DENSE_BLOCK_FORMS`.
   """
   if dense_blocks == 'auto':
     cpu = (backend or jax.default_backend()) == 'cpu'
@@ -125,7 +123,11 @@ def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] 
 
 
 class DenseBlock(nn.Module):
-  """`num_layers` dense layers, each reading all the features before it."""
+  """`num_layers` dense layers, each reading all the features before it.
+
+  Call: `x` `[n, h, w, c]` -> `[n, h, w, c + num_layers * growth]`: `x` followed by each
+  layer's `growth` new channels, in layer order.
+  """
   num_layers: int
   growth: int
   spec: LayerSpec
@@ -194,7 +196,9 @@ class CondenseNet(nn.Module):
   """CondenseNet, training form: every dense layer's 1x1 convolution is a learned group conv.
 
   `model.init(rng, x, train=False)` returns `{'params', 'batch_stats', 'masks'}`; `apply`
-  needs all three and writes none of the masks.
+  needs all three and writes none of the masks. Images must be `default_image_size(model)`
+  pixels a side. Raises ValueError (`check`, and for images of another size) naming the field
+  and the fix.
   """
   stages: Sequence[int] = (14, 14, 14)
   growth: Sequence[int] = (8, 16, 32)
@@ -246,11 +250,13 @@ class CondenseNet(nn.Module):
     return final_channels(self.stages, self.growth)
 
   def layer_spec(self) -> LayerSpec:
+    """The `LayerSpec` every dense layer of this network shares."""
     return LayerSpec(self.layer_kind, self.bottleneck, self.group_1x1, self.group_3x3,
                      self.condense_factor, self.dropout_rate, self.dtype, self.conv_lowering,
                      self.bn_axis_name, self.dense_blocks, self.gathers)
 
   def classifier(self, x):
+    """Pooled features `[n, num_features]` -> logits `[n, num_classes]` in `dtype`."""
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
                     name='classifier')(x)
 
@@ -280,9 +286,12 @@ class CondensedNet(CondenseNet):
 
   @property
   def classifier_inputs(self) -> int:
+    """Features the condensed classifier keeps: `int(num_features * classifier_keep)`."""
     return int(self.num_features * self.classifier_keep)
 
   def classifier(self, x):
+    """Pooled features `[n, num_features]` -> logits `[n, num_classes]`, reading only the
+    `classifier_inputs` gathered features."""
     return layers.CondensedLinear(self.num_classes, self.classifier_inputs, self.dtype,
                                   name='classifier')(x)
 
@@ -313,7 +322,12 @@ def densenet_transition_channels(channels: int, reduction: float, group_1x1: int
 
 class DenseNet(nn.Module):
   """DenseNet-BC (the official repository's baseline): bottleneck dense layers, transitions
-  with a 1x1 convolution that keeps `reduction` of the channels, then 2x2 average pooling."""
+  with a 1x1 convolution that keeps `reduction` of the channels, then 2x2 average pooling.
+
+  Call: `x` `[n, h, w, 3]` -> logits `[n, num_classes]` (float32). Raises ValueError when
+  `stages` and `growth` are empty or of different lengths, or the images are of another size
+  than `default_image_size(model)`.
+  """
   stages: Sequence[int] = (16, 16, 16)
   growth: Sequence[int] = (12, 12, 12)
   bottleneck: int = 4
@@ -332,6 +346,7 @@ class DenseNet(nn.Module):
     super().__post_init__()
 
   def layer_spec(self) -> LayerSpec:
+    """The `LayerSpec` every dense layer and transition of this network shares."""
     return LayerSpec('plain', self.bottleneck, self.group_1x1, self.group_3x3, 1, 0.0,
                      self.dtype, self.conv_lowering, self.bn_axis_name, self.dense_blocks)
 
@@ -347,6 +362,7 @@ class DenseNet(nn.Module):
 
   @property
   def num_features(self) -> int:
+    """Channels entering the classifier."""
     return list(self.block_channels())[-1][2]
 
   @nn.compact
@@ -414,12 +430,13 @@ def _initial_value(key: tuple[str, ...], shape, dtype, rng: np.random.Generator)
 
 
 def init_variables(model, seed: int = 0, image_size: Optional[int] = None):
-  """Initial variables of `model` drawn on the host with numpy, in well under a second.
+  """Initial variables of `model` drawn on the host with numpy, without compiling anything.
 
   Same structure and the same distributions as `model.init` (He-normal convolutions with
   fan = kh*kw*out, PyTorch's uniform Linear weights, BN scale 1 / bias 0, masks 1), but not the
-  same numbers: `model.init` compiles a random-number program that takes tens of seconds on CPU
-  for CondenseNet-86. Deterministic in `seed`.
+  same numbers: `model.init` compiles a random-number program, which is slow on CPU
+  (docs/performance.md#initialization). Deterministic in `seed`. Raises ValueError for a
+  variable it has no initializer for.
   """
   flat = traverse_util.flatten_dict(dict(variable_shapes(model, image_size)))
   rng = np.random.default_rng(seed)

@@ -21,6 +21,9 @@ class ProgressBar:
     self.last_draw = 0.0
 
   def update(self, done: int, values: dict[str, float], final: bool = False) -> None:
+    """Shows `done` of `total` steps and `values`; `final` ends the epoch's line. Draws are
+    throttled (a terminal at most five times a second, a file every `every` steps); final ones
+    never."""
     if not self.enabled:
       return
     now = time.monotonic()
@@ -70,6 +73,8 @@ class MetricsWriter:
               '(pip install tensorboardX).', file=sys.stderr)
 
   def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+    """Appends `{'step', 'kind', **values}` as one line; numeric values also go to TensorBoard
+    as `kind/key`."""
     if not self.enabled:
       return
     with open(self.path, 'a') as f:
@@ -80,5 +85,6 @@ class MetricsWriter:
           self.tensorboard.add_scalar(f'{kind}/{key}', value, step)
 
   def close(self) -> None:
+    """Flushes and closes the TensorBoard writer, if any."""
     if self.tensorboard is not None:
       self.tensorboard.close()

@@ -184,7 +184,13 @@ def _check_bookkeeping(state, masks, model):
 
 def load_state_dict(model, state_dict: Mapping[str, Any]):
   """Official training-form state dict -> `{'params', 'batch_stats', 'masks'}` for `model`
-  (`CondenseNet`, or `DenseNet`, which has no masks)."""
+  (`CondenseNet`, or `DenseNet`, which has no masks).
+
+  Raises:
+    TypeError: `model` is a `CondensedNet` (use `load_converted_state_dict`).
+    StateDictError: (a ValueError) listing every missing, unexpected or misshapen key, a mask
+      that is not group-structured, or `_count` / `_stage` that disagree with a mask.
+  """
   if isinstance(model, models.CondensedNet):
     raise TypeError('load_state_dict takes the training form; use load_converted_state_dict '
                     'for a CondensedNet.')
@@ -193,7 +199,15 @@ def load_state_dict(model, state_dict: Mapping[str, Any]):
 
 def load_converted_state_dict(condensed_model: models.CondensedNet,
                               state_dict: Mapping[str, Any]):
-  """Official converted state dict -> `{'params', 'batch_stats', 'indices'}`."""
+  """Official converted state dict -> `{'params', 'batch_stats', 'indices'}`.
+
+  Raises:
+    TypeError: `condensed_model` is not a `CondensedNet`.
+    StateDictError: (a ValueError) listing the keys that do not fit, or an index outside its
+      layer's input channels.
+    ValueError: copies of a gathered channel with different BN terms while the model may skip
+      its gathers (`condense.check_gathered_norms`).
+  """
   if not isinstance(condensed_model, models.CondensedNet):
     raise TypeError('load_converted_state_dict takes a CondensedNet (e.g. '
                     'models.CondensedNet.from_model(model)); use load_state_dict for the '
@@ -208,6 +222,11 @@ def load_pth(path: str) -> dict[str, np.ndarray]:
 
   Uses `torch.load(weights_only=True)`, which refuses pickles that carry code; accepts a bare
   state dict or a checkpoint dict holding one under `'state_dict'`.
+
+  Raises:
+    ImportError: PyTorch is not installed.
+    ValueError: the file is unreadable, refused as a weights-only checkpoint, or holds no
+      state dict.
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top
