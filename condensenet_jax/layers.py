@@ -256,8 +256,9 @@ class BatchNormReLU(nn.Module):
   """ReLU(BatchNorm(x)) over the last axis, as PyTorch's BN (eps 1e-5, momentum 0.1) + ReLU.
 
   The variables are Flax `nn.BatchNorm`'s (`params`: `scale`, `bias`; `batch_stats`: `mean`,
-  `var`, the running variance biased as Flax keeps it). Statistics and normalization run in
-  float32, the output in `dtype`. In training the pair has one hand-written backward pass
+  `var`). As in PyTorch, the batch is normalized with its biased variance and the running
+  variance is updated with the unbiased one (Flax's BN keeps the biased one there).
+  Statistics and normalization run in float32, the output in `dtype`. In training the pair has one hand-written backward pass
   (custom VJP): it compiles to fewer kernels than autodiff of the two, and it keeps only the
   input and the output (which the convolution after it keeps anyway). With `axis_name` the
   batch statistics are averaged over that mapped axis (synchronized BN).
@@ -290,8 +291,13 @@ class BatchNormReLU(nn.Module):
     out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, stats, self.epsilon,
                                                 self.axis_name, jnp.dtype(self.dtype))
     if not self.is_initializing():
+      # The running variance is unbiased, as PyTorch's: the batch's n/(n-1) times its variance,
+      # n being the values per channel the statistics were taken over.
+      count = np.prod(x.shape[:-1]) * (1 if self.axis_name is None
+                                       else jax.lax.psum(1, self.axis_name))
       mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
-      var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+      var.value = self.momentum * var.value + (1 - self.momentum) * (
+          batch_var * (count / jnp.maximum(count - 1, 1)))
     return out
 
   def multiplier(self, var, scale):
