@@ -115,6 +115,14 @@ def fixture_by_name():
   return load_fixture
 
 
+def official_stage(progress, condense_factor):
+  """The official `_check_drop` stage rule, in floating point, for comparison."""
+  for i in range(condense_factor - 1):
+    if progress * 2 < (i + 1) / (condense_factor - 1):
+      return i
+  return condense_factor - 1
+
+
 def max_relative_error(actual, expected):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return float(np.abs(actual - expected).max() / np.abs(expected).max())

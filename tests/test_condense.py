@@ -7,15 +7,7 @@ import pytest
 from flax import traverse_util
 
 from condensenet_jax import checkpoint, condense, models, torch_import
-from conftest import max_relative_error, randomize
-
-
-def _official_stage(progress, condense_factor):
-  """The official `_check_drop` stage rule, in floating point, for comparison."""
-  for i in range(condense_factor - 1):
-    if progress * 2 < (i + 1) / (condense_factor - 1):
-      return i
-  return condense_factor - 1
+from conftest import max_relative_error, official_stage, randomize
 
 
 def _flat(tree):
@@ -45,7 +37,7 @@ def test_event_steps_of_the_cifar_recipe():
 @pytest.mark.parametrize('total,condense_factor', [(97, 4), (300, 4), (1000, 8), (50, 2)])
 def test_stage_at_agrees_with_the_official_rule(total, condense_factor):
   ours = [condense.stage_at(s, total, condense_factor) for s in range(total + 1)]
-  official = [_official_stage(s / total, condense_factor) for s in range(total + 1)]
+  official = [official_stage(s / total, condense_factor) for s in range(total + 1)]
   assert ours == official
   traced = jax.jit(lambda s: condense.stage_at(s, total, condense_factor))(jnp.arange(total + 1))
   np.testing.assert_array_equal(traced, ours)

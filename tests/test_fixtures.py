@@ -17,18 +17,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import FIXTURE_NAMES, FIXTURES
+from conftest import FIXTURE_NAMES, FIXTURES, official_stage
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_fixtures.py'
 LGC_ENTRIES = ('conv.weight', '_mask', '_count', '_stage')  # what an event may change
-
-
-def _official_stage(progress, condense_factor):
-  """The official `_check_drop` stage rule."""
-  for i in range(condense_factor - 1):
-    if progress * 2 < (i + 1) / (condense_factor - 1):
-      return i
-  return condense_factor - 1
 
 
 def _lgc_layers(state):
@@ -57,7 +49,7 @@ def test_files_hold_every_entry(fixture):
     for key, value in state.items():
       assert (value.shape, value.dtype) == (first[key].shape, first[key].dtype), (k, key)
   assert [e['k'] for e in config['events']] == list(range(c))
-  assert [_official_stage(e['progress'], c) for e in config['events']] == list(range(c))
+  assert [official_stage(e['progress'], c) for e in config['events']] == list(range(c))
 
 
 def test_masks_are_group_structured_and_each_event_drops_a_cth(fixture):
