@@ -81,12 +81,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
-  from condensenet_jax import data, train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import data, preemption, reporting, train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.Preempted:
+  except preemption.Preempted:
     sys.exit(0)  # a checkpoint was written; running again resumes
-  except (data.DatasetUnavailableError, ValueError, train.NonFiniteError) as e:
+  except (data.DatasetUnavailableError, ValueError, reporting.NonFiniteError) as e:
     _fail(str(e))
 
 

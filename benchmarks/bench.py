@@ -233,7 +233,7 @@ def prepare(args) -> Prepared:
   measures."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import condense, data, models, train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import condense, data, models, startup, train  # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config)
   config.batch_size = config.eval_batch_size = args.batch_size
@@ -254,7 +254,7 @@ def prepare(args) -> Prepared:
   # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
   per_epoch = 4
   config.num_epochs = max(config.num_epochs, 8 * (args.steps + args.warmup + 2) // per_epoch)
-  train.configure_determinism(config)
+  startup.configure_determinism(config)
   dataset = data.synthetic(config.dataset, num_train=per_epoch * args.batch_size,
                            num_test=args.batch_size)
   with tempfile.TemporaryDirectory() as workdir:
@@ -262,8 +262,8 @@ def prepare(args) -> Prepared:
   model = eval_model = run_.model
   state = train.initial_state(run_)
   if args.mode == 'train':
-    batches = [train._global_batch(run_, b)  # pylint: disable=protected-access
-               for _, b in zip(range(2), train._train_batches(run_, 0))]  # pylint: disable=protected-access
+    batches = [train.global_batch(run_, b)
+               for _, b in zip(range(2), train.train_batches(run_, 0))]
     program, lower_s, xla_s, phases = _compile(
         lambda: run_.train_step.lower(state, batches[0]), args.compile_phases)
     holder = {'state': state, 'i': 0}
@@ -283,10 +283,10 @@ def prepare(args) -> Prepared:
       masks = condense.condense_all(host['params'], host['masks'], model)
       eval_model, small = condense.export(model, {**host, 'masks': masks},
                                           classifier_keep=config.classifier_keep)
-      variables = train._replicate(small, NamedSharding(run_.mesh, P()))  # pylint: disable=protected-access
+      variables = train.replicate(small, NamedSharding(run_.mesh, P()))
     images, labels, valid = next(data.eval_batches(dataset.test_images, dataset.test_labels,
                                                    args.batch_size))
-    batch = train._global_batch(run_, {'image': images, 'label': labels, 'valid': valid})  # pylint: disable=protected-access
+    batch = train.global_batch(run_, {'image': images, 'label': labels, 'valid': valid})
     program, lower_s, xla_s, phases = _compile(
         lambda: run_.eval_step(eval_model).lower(variables, batch), args.compile_phases)
     fn = lambda: program(variables, batch)
@@ -297,7 +297,7 @@ def run(args) -> dict:
   """Compiles, warms up and times `args.steps` steps; the figures as a dict."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import models, train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import models, startup  # pylint: disable=g-import-not-at-top
   prepared = prepare(args)
   config, model, eval_model = prepared.config, prepared.model, prepared.eval_model
   cost = _cost(prepared.program)
@@ -321,9 +321,9 @@ def run(args) -> dict:
       'gathers': getattr(model, 'gathers', None),
       'gathers_used': gathers_used(getattr(model, 'gathers', 'keep'), args.mode),
       'cpu_convolutions': config.get('cpu_convolutions', 'xla'),
-      'compiler_options': train.compiler_options(config),
+      'compiler_options': startup.compiler_options(config),
       'deterministic': bool(config.get('deterministic', True)),
-      'xla_deterministic_flag': train.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
+      'xla_deterministic_flag': startup.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),
       'growth': list(model.growth), 'device': device.device_kind,
       'backend': jax.default_backend(), 'num_devices': jax.device_count(),

@@ -6,7 +6,7 @@ For each lowering ('grouped', 'block_diagonal', 'per_group') prints the compile 
 median time of the training-form forward pass (train mode: batch statistics), of forward +
 backward (gradient of the summed logits w.r.t. the params), and of condensed-model inference;
 the last line is a JSON object with all figures. The lowering 'auto' picks on this backend is
-marked. Programs are compiled with the training run's options (`train.compiler_options`;
+marked. Programs are compiled with the training run's options (`startup.compiler_options`;
 `--cpu-convolutions` as `config.cpu_convolutions`).
 """
 
@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from condensenet_jax import condense, layers, models, train
+from condensenet_jax import condense, layers, models, startup
 
 
 def _time(fn, *args, repeats):
@@ -46,9 +46,9 @@ def main():
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--lowerings', default=','.join(layers.LOWERINGS))
-  parser.add_argument('--cpu-convolutions', choices=train.CPU_CONVOLUTIONS, default='xla')
+  parser.add_argument('--cpu-convolutions', choices=startup.CPU_CONVOLUTIONS, default='xla')
   args = parser.parse_args()
-  options = train.compiler_options(
+  options = startup.compiler_options(
       ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
   jit = lambda fn: jax.jit(fn, compiler_options=options)
   base = getattr(models, args.model)()

@@ -167,7 +167,7 @@ def _spawn(group: str, command: list, deadline, out: str) -> bool:
   if timeout is not None and timeout <= 0:
     print(f'suite: no time left for {group}', flush=True)
     return False
-  from condensenet_jax.train import DETERMINISTIC_FLAG  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.startup import DETERMINISTIC_FLAG  # pylint: disable=g-import-not-at-top
   env = dict(os.environ)
   if group == 'ours-fast':  # also when this process (or the user) has set it
     flags = env.get('XLA_FLAGS', '').split()

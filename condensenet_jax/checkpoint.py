@@ -6,6 +6,8 @@ Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointMan
 names) and `variables.npz` (plain numpy, readable without JAX or orbax).
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -181,3 +183,106 @@ def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = No
     raise ValueError(f'{directory}/model.json has no preprocessing (mean, std, image size); '
                      'pass preprocessing=data.preprocessing(...) to load_classifier.')
   return Classifier(model, jax.device_put(variables), preprocessing)
+
+
+# --- resuming: identity of a run, the latest readable checkpoint, the state hash --------
+
+def model_fields(model) -> dict[str, Any]:
+  """The fields that define `model`'s network (JSON-ready), which a resumed run must share."""
+  return {f.name: (getattr(model, f.name) if not isinstance(getattr(model, f.name), tuple)
+                   else list(getattr(model, f.name)))
+          for f in dataclasses.fields(model)
+          if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
+                                       'dense_blocks', 'gathers', 'bn_axis_name')}
+
+
+# Fields that fix the data order, the schedule and the condensing stages of a run.
+RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'num_epochs')
+
+
+def check_same_run(config, meta: dict[str, Any], directory: str) -> None:
+  """Raises ValueError if the checkpoint `meta` was written by a run with other `RUN_FIELDS`."""
+  saved = meta.get('config', {})
+  changed = [f'{f}: {saved.get(f)!r} -> {config.get(f)!r}' for f in RUN_FIELDS
+             if saved.get(f) != config.get(f)]
+  if changed:
+    raise ValueError(
+        f'the checkpoints in {directory} belong to a run with other {", ".join(RUN_FIELDS)} '
+        f'({"; ".join(changed)}); resuming would change its data order and condensing '
+        'schedule. Use the same values, another --workdir, or delete the checkpoints to start '
+        'fresh.')
+
+
+def restore_latest(ckpt: Checkpoints, fresh: Any, model, config, log) -> Any:
+  """The state of the latest complete checkpoint in `ckpt`, shaped and placed like `fresh`;
+  unreadable ones are moved aside, with a message, and the one before is used; `fresh` when
+  none is left.
+
+  Raises:
+    ValueError: the checkpoints hold another model (`model_fields`) or another run
+      (`check_same_run`).
+  """
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          fresh)
+  current = (type(model).__name__, model_fields(model))
+  for step in reversed(ckpt.all_steps()):
+    try:
+      meta = ckpt.meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      _report_corrupt(ckpt, step, e, log)
+      continue
+    saved = (meta.get('model'), meta.get('model_fields'))
+    if saved != current:
+      raise ValueError(
+          f'{os.path.dirname(ckpt.directory)} holds a run of a different model ({saved[0]} '
+          f'{saved[1]}) than this '
+          f'config ({current[0]} {current[1]}); use another --workdir, or delete '
+          f'{ckpt.directory} to start fresh.')
+    check_same_run(config, meta, ckpt.directory)
+    try:
+      state, _ = ckpt.restore(step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      _report_corrupt(ckpt, step, e, log)
+      continue
+    log(f'resuming from {ckpt.directory}/{step} (step {step}, stage {meta.get("stage")})')
+    return state
+  log(f'no complete checkpoint is left in {ckpt.directory}: starting from step 0')
+  return fresh
+
+
+def _report_corrupt(ckpt, step, error, log):
+  where = ckpt.quarantine(step)
+  reason = str(error).splitlines()[0][:200]
+  log(f'checkpoint {ckpt.directory}/{step} is truncated or corrupted ({type(error).__name__}: '
+      f'{reason}); moved it to {where} and trying the previous one')
+
+
+def finished_summary(workdir: str, total_steps: int, config) -> Optional[dict[str, Any]]:
+  """The summary of a run that already ended in `workdir` (its checkpoint of `total_steps` and
+  its summary.json are there), else None. Decided from files that every process sees alike.
+
+  Raises:
+    ValueError: that run had other `RUN_FIELDS` than `config` (`check_same_run`).
+  """
+  path = os.path.join(workdir, 'summary.json')
+  directory = os.path.join(workdir, 'checkpoints')
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(directory, str(total_steps)))):
+    return None
+  ckpt = Checkpoints(directory, config.keep_checkpoints)
+  try:
+    check_same_run(config, ckpt.meta(total_steps), ckpt.directory)
+  finally:
+    ckpt.close()
+  with open(path) as f:
+    return json.load(f)
+
+
+def state_sha256(state: Any) -> str:
+  """SHA-256 of every leaf of the state (path, dtype, shape, bytes), in sorted path order."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()

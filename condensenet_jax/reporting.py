@@ -7,6 +7,9 @@ import sys
 import time
 from typing import Any, Optional
 
+import jax
+import numpy as np
+
 
 class ProgressBar:
   """One line per epoch, redrawn in place on a terminal; printed every `every` steps (and at
@@ -88,3 +91,61 @@ class MetricsWriter:
     """Flushes and closes the TensorBoard writer, if any."""
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step had a non-finite loss or gradient; it was not applied."""
+
+
+class MetricsCollector:
+  """Collects the step metrics on device and fetches them in groups (one host sync per
+  group); stops the run on a non-finite step."""
+
+  def __init__(self, writer: MetricsWriter, batch_size: int):
+    self.writer, self.batch_size = writer, batch_size
+    self.pending, self.latest = [], {}
+    self.timed_since, self.timed_steps = None, 0
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+    if self.timed_since is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      self.timed_since = time.time()
+    else:
+      self.timed_steps += 1
+
+  def img_per_s(self) -> Optional[float]:
+    if not self.timed_steps:
+      return None
+    return self.timed_steps * self.batch_size / (time.time() - self.timed_since)
+
+  def flush(self, step: int) -> None:
+    if not self.pending:
+      return
+    fetched, self.pending = jax.device_get(self.pending), []
+    for i, m in enumerate(fetched):
+      if not bool(m['finite']):
+        raise NonFiniteError(
+            f'non-finite loss or gradient at step {step - len(fetched) + i} (stage '
+            f'{int(m["stage"])}, learning rate {float(m["lr"]):.4g}); the step was not '
+            'applied and no checkpoint of it was written. Lower config.learning_rate or '
+            'check the data.')
+    values = {k: float(np.mean([m[k] for m in fetched]))
+              for k in ('loss', 'cross_entropy', 'group_lasso', 'accuracy', 'grad_norm',
+                        'param_norm')}
+    values.update(lr=float(fetched[-1]['lr']), stage=int(fetched[-1]['stage']))
+    if (speed := self.img_per_s()) is not None:
+      values['img/s'] = speed
+    self.latest = values
+    self.writer.write(step, 'train', {k.replace('/', '_per_'): v for k, v in values.items()})
+
+
+def event_line(masks, model, step: int, stage: int) -> str:
+  """The line a run prints at a condensing event: how much every group keeps."""
+  kept = total = 0
+  for mask in jax.tree.leaves(jax.device_get(masks)):
+    kept += int(mask.sum())
+    total += mask.size
+  c = model.condense_factor
+  return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
+          f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')

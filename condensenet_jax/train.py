@@ -9,14 +9,9 @@ step number), so the whole run, all stages included, is one compilation.
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import signal
-import tempfile
-import threading
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import flax
@@ -27,10 +22,10 @@ import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from condensenet_jax import checkpoint, condense, data, flops, models, reporting
+from condensenet_jax import (checkpoint, condense, data, flops, models, preemption, reporting,
+                             startup)
 
 AXIS = 'batch'
 
@@ -120,8 +115,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   """One SGD step on this device's share of the global batch (runs inside shard_map).
 
   `batch`: `{'image': uint8 [b, h, w, 3], 'label': int32 [b]}`, augmented here when
-  `augment_on_device` (else already on the host). Returns `(new state, metrics)`; a step with a non-finite loss or
-  gradient returns the state unchanged and `metrics['finite']` False.
+  `augment_on_device` (else already on the host). Returns `(new state, metrics)`; a step with
+  a non-finite loss or gradient returns the state unchanged and `metrics['finite']` False.
   """
   count_trace()
   local_batch = batch['label'].shape[0]
@@ -217,48 +212,10 @@ def eval_step(variables, batch, *, model, mean, std, dtype, chunk=0):
 
 # --- host side ----------------------------------------------------------------------------
 
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-host run when launched as one of several processes.
-
-  Explicitly with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; or through
-  JAX's cluster detection on a TPU pod slice, under SLURM or under Open MPI. A single process
-  needs nothing.
-  """
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  if 'JAX_COORDINATOR_ADDRESS' in env:
-    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-                               num_processes=int(env['JAX_NUM_PROCESSES']),
-                               process_id=int(env['JAX_PROCESS_ID']))
-  elif (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-        or ',' in env.get('TPU_WORKER_HOSTNAMES', '')):
-    jax.distributed.initialize()
-
-
-def state_sha256(state: TrainState) -> str:
-  """SHA-256 of every leaf of the state (path, dtype, shape, bytes), in sorted path order."""
-  digest = hashlib.sha256()
-  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
-    digest.update(leaf.tobytes())
-  return digest.hexdigest()
-
-
-def _replicate(tree, sharding):
+def replicate(tree, sharding):
   """Host arrays (equal on every process) -> global arrays replicated over the mesh."""
   return jax.tree.map(lambda x: jax.make_array_from_callback(
       np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]), tree)
-
-
-def _model_fields(model) -> dict[str, Any]:
-  return {f.name: (getattr(model, f.name) if not isinstance(getattr(model, f.name), tuple)
-                   else list(getattr(model, f.name)))
-          for f in dataclasses.fields(model)
-          if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
-                                       'dense_blocks', 'gathers', 'bn_axis_name')}
 
 
 @dataclasses.dataclass
@@ -279,58 +236,6 @@ class Run:
   traces: list
   mean: tuple
   std: tuple
-
-
-CPU_CONVOLUTIONS = ('xla', 'ynnpack')
-
-# XLA's CPU backend (JAX 0.10) hands matrix products, convolutions and reductions to YNNPACK
-# (`xla_cpu_experimental_ynn_fusion_type`). These options keep the products and reductions
-# there and give the convolutions back to XLA's own kernels; they also lower LLVM's
-# optimization level from 2 to 1 (`xla_backend_optimization_level`), which shortens
-# compilation. Options of the run's compiled programs only, not XLA_FLAGS: nothing else in
-# the process changes.
-# Chosen by measurement: docs/backends.md#cpu-compiler-options.
-_CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
-                         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
-                         'xla_backend_optimization_level': 1}
-
-
-def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
-  """XLA options of the run's compiled programs on `backend` (default: JAX's).
-
-  `config.cpu_convolutions` says which kernels run convolutions on a CPU: 'xla' (default; XLA's
-  own, and LLVM at optimization level 1: `_CPU_COMPILER_OPTIONS`) or 'ynnpack' (what this JAX
-  does by itself, at its default level). Other backends get no options. A JAX that does not
-  know the options gets none either, with a warning.
-  Chosen by measurement: docs/backends.md#cpu-convolutions.
-
-  Raises:
-    ValueError: `config.cpu_convolutions` is not one of `CPU_CONVOLUTIONS`.
-  """
-  choice = _cpu_convolutions(config)
-  if (backend or jax.default_backend()) != 'cpu' or choice == 'ynnpack':
-    return None
-  return dict(_CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
-
-
-def _cpu_convolutions(config) -> str:
-  choice = config.get('cpu_convolutions', 'xla')
-  if choice not in CPU_CONVOLUTIONS:
-    raise ValueError(f'config.cpu_convolutions={choice!r} is not one of {CPU_CONVOLUTIONS}.')
-  return choice
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_compiler_options_supported() -> bool:
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
-        np.float32(0)).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(f'This JAX does not take the XLA option {_CPU_COMPILER_OPTIONS} ({e}); '
-                  "convolutions run on XLA's default CPU kernels, as with "
-                  "config.cpu_convolutions='ynnpack'.", stacklevel=3)
-    return False
-  return True
 
 
 # Config fields that must be positive integers, and what each one counts.
@@ -365,7 +270,7 @@ def validate(config, devices: int) -> None:
   if config.eval_batch_size % devices:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
                      f'the {devices} devices; use a multiple of {devices}.')
-  _cpu_convolutions(config)
+  startup.cpu_convolutions(config)
 
 
 def setup(config, workdir: str, devices=None,
@@ -421,7 +326,7 @@ def setup(config, workdir: str, devices=None,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
-  options = compiler_options(config, devices[0].platform)
+  options = startup.compiler_options(config, devices[0].platform)
   compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                         out_specs=(P(), P()), check_vma=False),
                           donate_argnums=0, compiler_options=options)
@@ -447,15 +352,17 @@ def initial_state(run: Run) -> TrainState:
                      batch_stats=variables['batch_stats'], masks=variables.get('masks', {}),
                      opt_state=opt_state,
                      rng=np.asarray(jax.random.PRNGKey(run.config.seed + 1)))
-  return _replicate(jax.device_get(state), NamedSharding(run.mesh, P()))
+  return replicate(jax.device_get(state), NamedSharding(run.mesh, P()))
 
 
-def _global_batch(run: Run, arrays: dict[str, np.ndarray]):
+def global_batch(run: Run, arrays: dict[str, np.ndarray]):
+  """This process's share of a global batch (host arrays) -> global arrays sharded over the
+  batch axis of the run's mesh."""
   sharding = NamedSharding(run.mesh, P(AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 
 
-def _train_batches(run: Run, start_step: int):
+def train_batches(run: Run, start_step: int):
   """This process's share of the global batches from `start_step` on."""
   if run.dataset is None:
     yield from data.imagenet_train(run.config.seed, start_step, run.config.batch_size,
@@ -477,17 +384,13 @@ def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
                                 run.config.eval_batch_size)
   totals = None
   for images, labels, valid in batches:
-    out = fn(variables, _global_batch(run, {'image': images, 'label': labels,
-                                            'valid': valid}))
+    out = fn(variables, global_batch(run, {'image': images, 'label': labels,
+                                           'valid': valid}))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
           'examples': int(count)}
-
-
-class NonFiniteError(FloatingPointError):
-  """A training step had a non-finite loss or gradient; it was not applied."""
 
 
 def _stage(run: Run, step: int) -> int:
@@ -499,230 +402,23 @@ def _stage(run: Run, step: int) -> int:
 def _meta(run: Run, step: int) -> dict[str, Any]:
   epoch, position = divmod(step, run.steps_per_epoch)
   return {'config': run.config.to_dict(), 'model': type(run.model).__name__,
-          'model_fields': _model_fields(run.model), 'step': step, 'stage': _stage(run, step),
-          'epoch': epoch, 'position_in_epoch': position, 'total_steps': run.total_steps}
-
-
-def _restore(run: Run, ckpt: checkpoint.Checkpoints, fresh: TrainState, log) -> TrainState:
-  """The latest complete checkpoint; unreadable ones are moved aside, with a message, and the
-  one before is used."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          fresh)
-  current = (type(run.model).__name__, _model_fields(run.model))
-  for step in reversed(ckpt.all_steps()):
-    try:
-      meta = ckpt.meta(step)
-    except Exception as e:  # pylint: disable=broad-except
-      _report_corrupt(ckpt, step, e, log)
-      continue
-    saved = (meta.get('model'), meta.get('model_fields'))
-    if saved != current:
-      raise ValueError(
-          f'{run.workdir} holds a run of a different model ({saved[0]} {saved[1]}) than this '
-          f'config ({current[0]} {current[1]}); use another --workdir, or delete '
-          f'{ckpt.directory} to start fresh.')
-    _check_same_run(run, meta, ckpt.directory)
-    try:
-      state, _ = ckpt.restore(step, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      _report_corrupt(ckpt, step, e, log)
-      continue
-    log(f'resuming from {ckpt.directory}/{step} (step {step}, stage {meta.get("stage")})')
-    return state
-  log(f'no complete checkpoint is left in {ckpt.directory}: starting from step 0')
-  return fresh
-
-
-# Fields that fix the data order, the schedule and the condensing stages of a run.
-RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'num_epochs')
-
-
-def _check_same_run(run: Run, meta: dict[str, Any], directory: str) -> None:
-  saved = meta.get('config', {})
-  changed = [f'{f}: {saved.get(f)!r} -> {run.config.get(f)!r}' for f in RUN_FIELDS
-             if saved.get(f) != run.config.get(f)]
-  if changed:
-    raise ValueError(
-        f'the checkpoints in {directory} belong to a run with other {", ".join(RUN_FIELDS)} '
-        f'({"; ".join(changed)}); resuming would change its data order and condensing '
-        'schedule. Use the same values, another --workdir, or delete the checkpoints to start '
-        'fresh.')
-
-
-def _report_corrupt(ckpt, step, error, log):
-  where = ckpt.quarantine(step)
-  reason = str(error).splitlines()[0][:200]
-  log(f'checkpoint {ckpt.directory}/{step} is truncated or corrupted ({type(error).__name__}: '
-      f'{reason}); moved it to {where} and trying the previous one')
-
-
-def _event_line(masks, model, step, stage) -> str:
-  kept = total = 0
-  for mask in jax.tree.leaves(jax.device_get(masks)):
-    kept += int(mask.sum())
-    total += mask.size
-  c = model.condense_factor
-  return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
-          f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')
-
-
-class Preempted(Exception):
-  """The run stopped on SIGTERM/SIGINT after writing a checkpoint; run again to resume."""
-
-
-class _StopSignals:
-  """Turns SIGTERM and SIGINT into a request to stop after the current step (a second SIGINT
-  interrupts at once)."""
-
-  def __init__(self):
-    self.signal, self.previous = None, {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self.previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-  def requested(self, step: int, every: int) -> Optional[str]:
-    """The signal to stop for, once every process agrees (they compare every `every` steps;
-    a lone process checks at every step)."""
-    if jax.process_count() == 1:
-      return self.signal
-    if step % every:
-      return None
-    flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-    return (self.signal or 'a signal on another host') if np.any(flags) else None
-
-
-DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
-
-
-def _backends_started() -> bool:
-  """Whether JAX has created its backends (after which XLA_FLAGS changes are not read);
-  False where this JAX lacks the private helper that tells: setting the flag is then harmless
-  if they have started (though the warning below is not given) and needed if they have not."""
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):
-    return False
-
-
-def configure_determinism(config) -> None:
-  """With `config.deterministic` (default), makes XLA's GPU kernels deterministic (scatter
-  and reductions in a fixed order). XLA reads the flag when JAX starts its backends, so this
-  must run before the first computation."""
-  if not config.get('deterministic', True) or DETERMINISTIC_FLAG in os.environ.get(
-      'XLA_FLAGS', ''):
-    return
-  if _backends_started():
-    if jax.default_backend() == 'gpu':
-      warnings.warn('config.deterministic=True, but JAX had already started without '
-                    f'XLA_FLAGS={DETERMINISTIC_FLAG}: GPU results may vary between runs. '
-                    'Set the flag in the environment before starting Python.', stacklevel=2)
-    return
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + DETERMINISTIC_FLAG).strip()
-
-
-def enable_compilation_cache(config, workdir: str) -> Optional[str]:
-  """Keeps compiled programs in `config.compilation_cache_dir` (default
-  `<workdir>/compilation_cache`; '' turns it off) so that a resumed or repeated run starts
-  without compiling again. An existing JAX_COMPILATION_CACHE_DIR is left as it is. Returns the
-  directory in use, if any."""
-  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    return os.environ['JAX_COMPILATION_CACHE_DIR']
-  directory = config.get('compilation_cache_dir', None)
-  if directory is None:
-    directory = os.path.join(workdir, 'compilation_cache')
-  if not directory:
-    return None
-  jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  return directory
-
-
-class _Metrics:
-  """Collects the step metrics on device and fetches them in groups (one host sync per
-  group); stops the run on a non-finite step."""
-
-  def __init__(self, writer: reporting.MetricsWriter, batch_size: int):
-    self.writer, self.batch_size = writer, batch_size
-    self.pending, self.latest = [], {}
-    self.timed_since, self.timed_steps = None, 0
-
-  def add(self, metrics) -> None:
-    self.pending.append(metrics)
-    if self.timed_since is None:  # the first step compiles: time from its end
-      jax.block_until_ready(metrics)
-      self.timed_since = time.time()
-    else:
-      self.timed_steps += 1
-
-  def img_per_s(self) -> Optional[float]:
-    if not self.timed_steps:
-      return None
-    return self.timed_steps * self.batch_size / (time.time() - self.timed_since)
-
-  def flush(self, step: int) -> None:
-    if not self.pending:
-      return
-    fetched, self.pending = jax.device_get(self.pending), []
-    for i, m in enumerate(fetched):
-      if not bool(m['finite']):
-        raise NonFiniteError(
-            f'non-finite loss or gradient at step {step - len(fetched) + i} (stage '
-            f'{int(m["stage"])}, learning rate {float(m["lr"]):.4g}); the step was not '
-            'applied and no checkpoint of it was written. Lower config.learning_rate or '
-            'check the data.')
-    values = {k: float(np.mean([m[k] for m in fetched]))
-              for k in ('loss', 'cross_entropy', 'group_lasso', 'accuracy', 'grad_norm',
-                        'param_norm')}
-    values.update(lr=float(fetched[-1]['lr']), stage=int(fetched[-1]['stage']))
-    if (speed := self.img_per_s()) is not None:
-      values['img/s'] = speed
-    self.latest = values
-    self.writer.write(step, 'train', {k.replace('/', '_per_'): v for k, v in values.items()})
-
-
-_CACHE_HITS = [0]  # programs loaded from JAX's persistent compilation cache in this process
-
-
-def _count_cache_hits(event: str, **kwargs) -> None:
-  del kwargs
-  if event == '/jax/compilation_cache/cache_hits':
-    _CACHE_HITS[0] += 1
-
-
-jax.monitoring.register_event_listener(_count_cache_hits)
-
-
-def _compile_note() -> str:
-  cache = jax.config.jax_compilation_cache_dir
-  return 'once per run, tens of seconds' + (
-      f'; a resumed run loads it from {cache}' if cache else '')
+          'model_fields': checkpoint.model_fields(run.model), 'step': step,
+          'stage': _stage(run, step), 'epoch': epoch, 'position_in_epoch': position,
+          'total_steps': run.total_steps}
 
 
 def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
-                metrics: _Metrics, log, stop: _StopSignals) -> TrainState:
+                metrics: reporting.MetricsCollector, log,
+                stop: preemption.StopSignals) -> TrainState:
   """Runs the steps from `state.step` to the end, with progress, events, evals and
   checkpoints; on SIGTERM/SIGINT writes a checkpoint after the current step and raises
-  Preempted."""
+  `preemption.Preempted`."""
   config, model = run.config, run.model
   lead = jax.process_index() == 0
   event_steps = (condense.event_steps(run.total_steps, model.condense_factor)
                  if isinstance(model, models.CondenseNet) else [])
   step = int(jax.device_get(state.step))
-  batches = _train_batches(run, step)
+  batches = train_batches(run, step)
   bar = None
 
   def save(step):
@@ -739,17 +435,17 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
                                   every=config.log_every_steps, enabled=lead)
     first = metrics.timed_since is None
     if first:
-      log(f'compiling the training step ({_compile_note()})...')
-      started, hits = time.time(), _CACHE_HITS[0]
-    state, step_metrics = run.train_step(state, _global_batch(run, next(batches)))
+      log(f'compiling the training step ({startup.compile_note()})...')
+      started, hits = time.time(), startup.cache_hits()
+    state, step_metrics = run.train_step(state, global_batch(run, next(batches)))
     metrics.add(step_metrics)  # the first step is waited for
     if first:
-      how = 'loaded from the compilation cache' if _CACHE_HITS[0] > hits else 'compiled'
+      how = 'loaded from the compilation cache' if startup.cache_hits() > hits else 'compiled'
       log(f'training step {how} and run in {time.time() - started:.1f} s')
     step += 1
     if step - 1 in event_steps:
       metrics.flush(step)
-      log(('\n' if bar.tty else '') + _event_line(state.masks, model, step - 1,
+      log(('\n' if bar.tty else '') + reporting.event_line(state.masks, model, step - 1,
                                                   event_steps.index(step - 1) + 1))
     end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
     if step % config.log_every_steps == 0 or end_of_epoch:
@@ -773,7 +469,7 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
       log(('\n' if bar is not None and bar.tty else '') +
           f'{received}: stopped after step {step} (stage {_stage(run, step)}) and wrote '
           f'{ckpt.directory}/{step}; run the same command again to resume.')
-      raise Preempted(step)
+      raise preemption.Preempted(step)
   save(step)
   return state
 
@@ -801,7 +497,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
                                                              model.condense_factor)
     small, small_vars = condense.export(model, jax.device_get(state.variables()),
                                         classifier_keep=config.classifier_keep)
-    condensed = evaluate(run, small, _replicate(small_vars, NamedSharding(run.mesh, P())))
+    condensed = evaluate(run, small, replicate(small_vars, NamedSharding(run.mesh, P())))
     image_size = models.default_image_size(small)
     f_small, p_small = flops.count(small, image_size)
     macs = flops.multiply_adds(small, image_size)
@@ -815,40 +511,8 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
     if lead:
       checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars,
                                 preprocessing=_preprocessing(run))
-  summary['final_state_sha256'] = state_sha256(state)
+  summary['final_state_sha256'] = checkpoint.state_sha256(state)
   return summary
-
-
-def check_workdir(workdir: str) -> None:
-  """Raises ValueError, before anything is written, if `workdir` is not a directory that
-  exists or can be created."""
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--workdir {workdir} is a file, not a directory; give a directory.')
-  parent = path
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  try:  # a trial directory, removed at once, tells whether `parent` takes new entries
-    os.rmdir(tempfile.mkdtemp(dir=parent, prefix='.workdir-check-'))
-  except OSError as e:
-    raise ValueError(f'--workdir {workdir} cannot be created in {parent} ({e.strerror}); give '
-                     'a --workdir in a directory you can write to.') from None
-
-
-def _finished_summary(run: Run) -> Optional[dict[str, Any]]:
-  """The summary of a run that already ended in this workdir (its final checkpoint and its
-  summary.json are there), else None. Decided from files that every process sees alike."""
-  path = os.path.join(run.workdir, 'summary.json')
-  directory = os.path.join(run.workdir, 'checkpoints')
-  if not (os.path.exists(path) and os.path.isdir(os.path.join(directory, str(run.total_steps)))):
-    return None
-  ckpt = checkpoint.Checkpoints(directory, run.config.keep_checkpoints)
-  try:
-    _check_same_run(run, ckpt.meta(run.total_steps), ckpt.directory)
-  finally:
-    ckpt.close()
-  with open(path) as f:
-    return json.load(f)
 
 
 def _epochs(n: int) -> str:
@@ -879,17 +543,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   `workdir` raise ValueError before anything is written.
   """
   start_time = time.time()
-  check_workdir(workdir)
-  configure_determinism(config)
+  startup.check_workdir(workdir)
+  startup.configure_determinism(config)
   # Before the first compilation (JAX decides then whether it uses a persistent cache); the
   # directory is made by the first compilation, after the config has been checked.
-  enable_compilation_cache(config, workdir)
-  maybe_initialize_distributed()
+  startup.enable_compilation_cache(config, workdir)
+  startup.maybe_initialize_distributed()
   lead = jax.process_index() == 0
   log = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
   run = setup(config, workdir)
   model = run.model
-  finished = _finished_summary(run)
+  finished = checkpoint.finished_summary(workdir, run.total_steps, config)
   if finished is not None:
     log(f'the run in {workdir} has finished ({run.total_steps} steps, test accuracy '
         f'{finished.get("accuracy", float("nan")):.4f}); its summary is '
@@ -901,12 +565,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   writer = reporting.MetricsWriter(workdir, enabled=lead)
   try:
-    with _StopSignals() as stop:
+    with preemption.StopSignals() as stop:
       state = initial_state(run)
       if ckpt.latest_step() is not None:
-        state = _restore(run, ckpt, state, log)
+        state = checkpoint.restore_latest(ckpt, state, run.model, run.config, log)
       start_step = int(jax.device_get(state.step))
-      metrics = _Metrics(writer, config.batch_size)
+      metrics = reporting.MetricsCollector(writer, config.batch_size)
       state = _train_loop(run, state, ckpt, metrics, log, stop)
       ckpt.wait()
     image_size = models.default_image_size(model)

@@ -91,10 +91,10 @@ def test_gathers_flag(tiny_config):
 
 def test_cpu_convolutions_flag(tiny_config):
   import jax  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import startup  # pylint: disable=g-import-not-at-top
   on_cpu = jax.default_backend() == 'cpu'
   for choice, options in (('ynnpack', None),
-                          ('xla', train._CPU_COMPILER_OPTIONS if on_cpu else None)):  # pylint: disable=protected-access
+                          ('xla', startup.CPU_COMPILER_OPTIONS if on_cpu else None)):
     result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size',
                          '4', '--steps', '1', '--cpu-convolutions', choice])
     assert result['cpu_convolutions'] == choice and result['compiler_options'] == options
@@ -129,9 +129,9 @@ def test_missing_config_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_suite_runs_a_group_in_a_child_process_and_keeps_each_figure(tmp_path, capsys,
                                                                      monkeypatch):
-  from condensenet_jax import train  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import startup  # pylint: disable=g-import-not-at-top
   # Even with the deterministic flag set by the caller, 'ours-fast' runs without it.
-  monkeypatch.setenv('XLA_FLAGS', train.DETERMINISTIC_FLAG)
+  monkeypatch.setenv('XLA_FLAGS', startup.DETERMINISTIC_FLAG)
   out = tmp_path / 'results.jsonl'
   results = suite.main(['--quick', '--groups', 'ours-fast,profile', '--out', str(out)])
   profile = results.pop()

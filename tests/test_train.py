@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from condensenet_jax import checkpoint, condense, data, flops, models, train
+from condensenet_jax import checkpoint, condense, data, flops, models, startup, train
 
 # Every test here trains: the full tier.
 pytestmark = pytest.mark.slow
@@ -241,9 +241,9 @@ def test_four_devices_with_synced_batch_stats_match_one_device():
       for devices in (jax.devices()[:1], jax.devices()):
         run = train.setup(config, '/unused', devices=devices)
         state = train.initial_state(run)
-        batches = train._train_batches(run, 0)
+        batches = train.train_batches(run, 0)
         for _ in range(16):  # through the first two condensing events (steps 8 and 15 of 45)
-          state, metrics = run.train_step(state, train._global_batch(run, next(batches)))
+          state, metrics = run.train_step(state, train.global_batch(run, next(batches)))
         results.append(jax.device_get(state))
       one, four = results
       assert len(jax.devices()) == 4
@@ -278,10 +278,10 @@ def test_bfloat16_training_stays_close_to_float32():
     config.learning_rate = 0.02
     run = train.setup(config, '/unused', devices=jax.devices()[:1])
     state = train.initial_state(run)
-    batches = train._train_batches(run, 0)
+    batches = train.train_batches(run, 0)
     losses[dtype] = []
     for _ in range(6):
-      state, metrics = run.train_step(state, train._global_batch(run, next(batches)))
+      state, metrics = run.train_step(state, train.global_batch(run, next(batches)))
       losses[dtype].append(float(metrics['cross_entropy']))
     finals[dtype] = jax.device_get(state)
   low, full = finals['bfloat16'], finals['float32']
@@ -318,19 +318,19 @@ def _convolutions(hlo: str) -> tuple[int, int]:
 def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path):
   config = tiny(digits_config.get_config())
   assert config.cpu_convolutions == 'xla'
-  assert train.compiler_options(config, 'gpu') is None
+  assert startup.compiler_options(config, 'gpu') is None
   config.cpu_convolutions = 'fast'
   with pytest.raises(ValueError, match=r"cpu_convolutions='fast' is not one of \('xla', "
                                        r"'ynnpack'\)"):
     train.setup(config, str(tmp_path))
   with pytest.raises(ValueError, match="cpu_convolutions='fast'"):
-    train.compiler_options(config, 'gpu')  # refused on every backend
+    startup.compiler_options(config, 'gpu')  # refused on every backend
   config.cpu_convolutions = 'ynnpack'
-  assert train.compiler_options(config, 'cpu') is None
+  assert startup.compiler_options(config, 'cpu') is None
   if jax.default_backend() != 'cpu':
     return
   config.cpu_convolutions = 'xla'
-  assert train.compiler_options(config) == {
+  assert startup.compiler_options(config) == {
       'xla_cpu_experimental_ynn_fusion_type':
           'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
       'xla_backend_optimization_level': 1}
@@ -341,7 +341,7 @@ def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path)
   variables = train.initial_state(run).variables()
   batch = {'image': dataset.test_images, 'label': dataset.test_labels,
            'valid': np.ones(8, bool)}
-  batch = train._global_batch(run, batch)  # pylint: disable=protected-access
+  batch = train.global_batch(run, batch)
   hlo = run.eval_step(run.model).lower(variables, batch).compile().as_text()
   own, total = _convolutions(hlo)
   # The stem and the 3x3 convolution of each dense layer (per group on the smaller maps), all
@@ -354,12 +354,12 @@ def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
   monkeypatch.setattr(jax.config, 'update', lambda k, v: updates.__setitem__(k, v))
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
   config = digits_config.get_config()
-  assert train.enable_compilation_cache(config, str(tmp_path)) == '/elsewhere'
+  assert startup.enable_compilation_cache(config, str(tmp_path)) == '/elsewhere'
   assert not updates  # the environment wins and nothing is changed
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
-  assert train.enable_compilation_cache(config, str(tmp_path)) == str(
+  assert startup.enable_compilation_cache(config, str(tmp_path)) == str(
       tmp_path / 'compilation_cache')
   assert updates['jax_compilation_cache_dir'] == str(tmp_path / 'compilation_cache')
   updates.clear()
   config.compilation_cache_dir = ''
-  assert train.enable_compilation_cache(config, str(tmp_path)) is None and not updates
+  assert startup.enable_compilation_cache(config, str(tmp_path)) is None and not updates

@@ -120,7 +120,7 @@ def ours(official, tmp_path_factory):
   record = {'run': run, 'metrics': [], 'masks': {}}
   for step in range(run.total_steps):
     b = arrays['batch_of_step'][step]
-    batch = train._global_batch(  # pylint: disable=protected-access
+    batch = train.global_batch(
         run, {'image': arrays['images'][b], 'label': arrays['labels'][b]})
     state, metrics = run.train_step(state, batch)
     record['metrics'].append(jax.device_get(metrics))
