@@ -6,7 +6,6 @@ Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointMan
 names) and `variables.npz` (plain numpy, readable without JAX or orbax).
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -85,11 +84,7 @@ def save_condensed(directory: str, model: models.CondensedNet, variables: Any,
   take raw images.
   """
   os.makedirs(directory, exist_ok=True)
-  fields = {'stages': list(model.stages), 'growth': list(model.growth),
-            'bottleneck': model.bottleneck, 'group_1x1': model.group_1x1,
-            'group_3x3': model.group_3x3, 'condense_factor': model.condense_factor,
-            'num_classes': model.num_classes, 'stem': model.stem,
-            'classifier_keep': model.classifier_keep}
+  fields = models.architecture(model)
   flat = traverse_util.flatten_dict(dict(variables), sep='/')
   np.savez(os.path.join(directory, 'variables.npz'),
            **{k: np.asarray(v) for k, v in flat.items()})
@@ -187,15 +182,6 @@ def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = No
 
 # --- resuming: identity of a run, the latest readable checkpoint, the state hash --------
 
-def model_fields(model) -> dict[str, Any]:
-  """The fields that define `model`'s network (JSON-ready), which a resumed run must share."""
-  return {f.name: (getattr(model, f.name) if not isinstance(getattr(model, f.name), tuple)
-                   else list(getattr(model, f.name)))
-          for f in dataclasses.fields(model)
-          if f.init and f.name not in ('parent', 'name', 'dtype', 'conv_lowering',
-                                       'dense_blocks', 'gathers', 'bn_axis_name')}
-
-
 # Fields that fix the data order, the schedule and the condensing stages of a run.
 RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'num_epochs')
 
@@ -219,12 +205,12 @@ def restore_latest(ckpt: Checkpoints, fresh: Any, model, config, log) -> Any:
   none is left.
 
   Raises:
-    ValueError: the checkpoints hold another model (`model_fields`) or another run
+    ValueError: the checkpoints hold another model (`models.architecture`) or another run
       (`check_same_run`).
   """
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           fresh)
-  current = (type(model).__name__, model_fields(model))
+  current = (type(model).__name__, models.architecture(model))
   for step in reversed(ckpt.all_steps()):
     try:
       meta = ckpt.meta(step)

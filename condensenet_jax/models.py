@@ -297,9 +297,10 @@ class CondensedNet(CondenseNet):
 
   @classmethod
   def from_model(cls, model: CondenseNet, classifier_keep: float = 0.5) -> 'CondensedNet':
-    """The condensed form of a training-form `model` (same architecture fields)."""
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(CondenseNet)
-              if f.init and f.name not in ('parent', 'name')}
+    """The condensed form of a training-form `model`: its architecture and execution fields,
+    with `classifier_keep`."""
+    fields = {**architecture(model), **{f: getattr(model, f) for f in EXECUTION_FIELDS}}
+    fields.pop('classifier_keep', None)
     return cls(**fields, classifier_keep=classifier_keep)
 
 
@@ -400,6 +401,30 @@ DenseNetBC100 = functools.partial(DenseNet, stages=(16, 16, 16), growth=(12, 12,
                                   reduction=0.5, stem='cifar')
 # A test-sized CondenseNet: two layers per block, 1.2 MFLOPs.
 CondenseNetTiny = functools.partial(_cifar, stages=(2, 2, 2), growth=(4, 8, 8))
+
+
+# Fields of the model classes that say how the network is executed, not which function it
+# computes: a run may change them and still resume, and they are not saved with a model.
+EXECUTION_FIELDS = ('dtype', 'conv_lowering', 'bn_axis_name', 'dense_blocks', 'gathers')
+
+
+def architecture(model) -> dict[str, Any]:
+  """The fields that define `model`'s network, JSON-ready (sequences as lists): every field of
+  its class but `EXECUTION_FIELDS`. The one definition that saved models
+  (`checkpoint.save_condensed`), the resume identity of a run, `CondensedNet.from_model` and
+  messages derive from."""
+  fields = {}
+  for f in dataclasses.fields(model):
+    if f.init and f.name not in ('parent', 'name') + EXECUTION_FIELDS:
+      value = getattr(model, f.name)
+      fields[f.name] = list(value) if isinstance(value, tuple) else value
+  return fields
+
+
+def describe(model) -> str:
+  """`Class(field=value, ...)` of `model`'s architecture, for messages."""
+  fields = ', '.join(f'{k}={v!r}' for k, v in architecture(model).items())
+  return f'{type(model).__name__}({fields})'
 
 
 def default_image_size(model) -> int:

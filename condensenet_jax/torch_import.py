@@ -122,11 +122,10 @@ def _load(model, state_dict, condensed: bool):
     if key.rsplit('.', 1)[-1] not in BOOKKEEPING:
       problems.append(f'unexpected key {key} (shape {tuple(state[key].shape)})')
   if problems:
-    kind = type(model).__name__
     listed = '\n  '.join(problems[:20])
     more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
     raise StateDictError(
-        f'the state dict does not fit {kind}({_describe(model)}): {len(problems)} problem(s):\n'
+        f'the state dict does not fit {models.describe(model)}: {len(problems)} problem(s):\n'
         f'  {listed}{more}\nCheck that the model fields (stages, growth, groups, '
         f"condense_factor, num_classes, stem) match the checkpoint's training arguments"
         + ('.' if condensed else ', and that a converted checkpoint is loaded with '
@@ -137,12 +136,6 @@ def _load(model, state_dict, condensed: bool):
   if masks := variables.get('masks'):
     _check_bookkeeping(state, masks, model)
   return variables
-
-
-def _describe(model) -> str:
-  names = ('stages', 'growth', 'bottleneck', 'group_1x1', 'group_3x3', 'condense_factor',
-           'num_classes', 'stem')
-  return ', '.join(f'{n}={getattr(model, n)!r}' for n in names if hasattr(model, n))
 
 
 def _check_indices(indices, model):

@@ -402,7 +402,7 @@ def _stage(run: Run, step: int) -> int:
 def _meta(run: Run, step: int) -> dict[str, Any]:
   epoch, position = divmod(step, run.steps_per_epoch)
   return {'config': run.config.to_dict(), 'model': type(run.model).__name__,
-          'model_fields': checkpoint.model_fields(run.model), 'step': step,
+          'model_fields': models.architecture(run.model), 'step': step,
           'stage': _stage(run, step), 'epoch': epoch, 'position_in_epoch': position,
           'total_steps': run.total_steps}
 

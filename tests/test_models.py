@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from condensenet_jax import condense, layers, models
+from condensenet_jax import checkpoint, condense, layers, models
 from conftest import randomize
 
 
@@ -307,3 +307,20 @@ def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
   for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_a)) > 0
+
+
+def test_architecture_is_the_one_definition_of_the_network(tmp_path):
+  model = models.CondenseNetTiny(num_classes=7, conv_lowering='per_group', dtype=jnp.bfloat16)
+  # What checkpoints of earlier versions hold as their 'model_fields': they still resume.
+  assert models.architecture(model) == {
+      'stages': [2, 2, 2], 'growth': [4, 8, 8], 'bottleneck': 4, 'group_1x1': 4,
+      'group_3x3': 4, 'condense_factor': 4, 'num_classes': 7, 'stem': 'cifar',
+      'dropout_rate': 0.0}
+  small = models.CondensedNet.from_model(model, classifier_keep=0.25)
+  assert models.architecture(small) == {**models.architecture(model), 'classifier_keep': 0.25}
+  assert (small.conv_lowering, small.dtype) == ('per_group', jnp.bfloat16)  # execution kept
+  assert models.describe(small).startswith('CondensedNet(stages=[2, 2, 2], growth=[4, 8, 8], ')
+  checkpoint.save_condensed(str(tmp_path), small, models.init_variables(small))
+  loaded, _ = checkpoint.load_condensed(str(tmp_path))
+  assert models.architecture(loaded) == models.architecture(small)
+  assert models.architecture(models.DenseNetBC100())['reduction'] == 0.5
