@@ -69,7 +69,7 @@ def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
 
 def cpu_convolutions(config) -> str:
   """`config.cpu_convolutions`, checked: one of `CPU_CONVOLUTIONS`, else ValueError."""
-  choice = config.get('cpu_convolutions', 'xla')
+  choice = config.cpu_convolutions
   if choice not in CPU_CONVOLUTIONS:
     raise ValueError(f'config.cpu_convolutions={choice!r} is not one of {CPU_CONVOLUTIONS}.')
   return choice
@@ -106,8 +106,7 @@ def configure_determinism(config) -> None:
   """With `config.deterministic` (default), makes XLA's GPU kernels deterministic (scatter
   and reductions in a fixed order). XLA reads the flag when JAX starts its backends, so this
   must run before the first computation."""
-  if not config.get('deterministic', True) or DETERMINISTIC_FLAG in os.environ.get(
-      'XLA_FLAGS', ''):
+  if not config.deterministic or DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''):
     return
   if _backends_started():
     if jax.default_backend() == 'gpu':
@@ -125,7 +124,7 @@ def enable_compilation_cache(config, workdir: str) -> Optional[str]:
   directory in use, if any."""
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return os.environ['JAX_COMPILATION_CACHE_DIR']
-  directory = config.get('compilation_cache_dir', None)
+  directory = config.compilation_cache_dir
   if directory is None:
     directory = os.path.join(workdir, 'compilation_cache')
   if not directory:

@@ -69,11 +69,11 @@ def build_model(config, num_classes: int):
   common = dict(stages=tuple(m.stages), growth=tuple(m.growth), bottleneck=m.bottleneck,
                 group_1x1=m.group_1x1, group_3x3=m.group_3x3, num_classes=num_classes,
                 stem=m.stem, dtype=compute_dtype(config), conv_lowering=m.conv_lowering,
-                dense_blocks=m.get('dense_blocks', 'auto'),
+                dense_blocks=m.dense_blocks,
                 bn_axis_name=AXIS if config.sync_batch_stats else None)
   if m.name == 'CondenseNet':
     return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
-                              gathers=m.get('gathers', 'auto'), **common)
+                              gathers=m.gathers, **common)
   if m.name == 'DenseNet':
     return models.DenseNet(reduction=m.reduction, **common)
   raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet' or 'DenseNet'.")
@@ -183,7 +183,7 @@ def eval_chunk(config) -> int:
   `config.eval_chunk` when it is 0 or more; for -1 (default) `CPU_EVAL_CHUNK` on CPU and 0
   elsewhere.
   """
-  chunk = config.get('eval_chunk', -1)
+  chunk = config.eval_chunk
   if chunk < 0:
     return CPU_EVAL_CHUNK if jax.default_backend() == 'cpu' else 0
   return chunk

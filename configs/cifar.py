@@ -58,7 +58,6 @@ def get_config():
   config.model.group_3x3 = 4
   config.model.condense_factor = 4
   config.model.dropout_rate = 0.0
-  config.model.reduction = 0.5    # DenseNet transitions only
   config.model.stem = 'cifar'
   config.model.conv_lowering = 'auto'
   config.model.dense_blocks = 'auto'  # 'concatenate' or 'preallocate'; 'auto': by backend

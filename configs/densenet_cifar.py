@@ -17,5 +17,5 @@ def get_config():
   config.model.growth = (12, 12, 12)
   config.model.group_1x1 = 1
   config.model.group_3x3 = 1
-  config.model.reduction = 0.5
+  config.model.reduction = 0.5   # channels a transition keeps
   return config
