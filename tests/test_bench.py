@@ -257,15 +257,15 @@ def test_cost_estimate_never_breaks_a_measurement(cost, expected):
 def test_op_profile_joins_the_trace_with_the_compiled_program(tiny_config, capsys):
   from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
   result = op_profile.main(['--config', tiny_config, '--mode', 'train', '--batch-size', '8',
-                            '--steps', '1', '--warmup', '1', '--top', '5'])
+                            '--steps', '1', '--warmup', '1', '--top', '20'])
   categories = {c['category']: c for c in result['categories']}
-  assert result['total_ms'] > 0 and len(result['top']) == 5
+  assert result['total_ms'] > 0 and len(result['top']) == 20
   assert categories['convolution']['ms'] > 0 and categories['dot']['ms'] > 0
   assert sum(c['ms'] for c in result['categories']) == pytest.approx(result['total_ms'])
   # Every listed operation was found in the optimized HLO; XLA keeps the JAX source of most
-  # (not of some instructions its own passes create).
+  # (not of some instructions its own passes create, which can be the slowest five of a run).
   assert all(r['shape'] != '?' for r in result['top'])
-  assert sum(bool(r['source']) for r in result['top']) >= 3
+  assert sum(bool(r['source']) for r in result['top']) >= 10
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(
       json.dumps(result))
 
