@@ -226,7 +226,8 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
     variables: `{'params', 'batch_stats', 'masks'}` after all C-1 condensing events.
     classifier_keep: fraction of classifier inputs to keep (official: 0.5).
   Returns:
-    `(CondensedNet, {'params', 'batch_stats', 'indices'})`.
+    `(CondensedNet, {'params', 'batch_stats', 'indices'})`, the variables as numpy arrays on
+    the host (computed there; place them where they run).
   Raises:
     ValueError: naming the layer and its event count, if a layer is not fully condensed.
   """
@@ -257,7 +258,7 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
   index = order[kernel.shape[0] - kept:]
   params[('classifier', 'kernel')] = kernel[index]
   indices[('classifier', 'index')] = index.astype(np.int32)
-  small_vars = {c: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(t))
+  small_vars = {c: traverse_util.unflatten_dict(t)
                 for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
   return small, small_vars
 

@@ -460,11 +460,11 @@ def init_variables(model, seed: int = 0, image_size: Optional[int] = None):
   Same structure and the same distributions as `model.init` (He-normal convolutions with
   fan = kh*kw*out, PyTorch's uniform Linear weights, BN scale 1 / bias 0, masks 1), but not the
   same numbers: `model.init` compiles a random-number program, which is slow on CPU
-  (docs/performance.md#initialization). Deterministic in `seed`. Raises ValueError for a
-  variable it has no initializer for.
+  (docs/performance.md#initialization). Deterministic in `seed`. The arrays are numpy arrays on
+  the host: `apply` takes them as they are, and a training run places them on its devices
+  once. Raises ValueError for a variable it has no initializer for.
   """
   flat = traverse_util.flatten_dict(dict(variable_shapes(model, image_size)))
   rng = np.random.default_rng(seed)
-  values = {k: jnp.asarray(_initial_value(k, flat[k].shape, flat[k].dtype, rng))
-            for k in sorted(flat)}
+  values = {k: _initial_value(k, flat[k].shape, flat[k].dtype, rng) for k in sorted(flat)}
   return traverse_util.unflatten_dict(values)

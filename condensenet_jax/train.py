@@ -344,15 +344,16 @@ def setup(config, workdir: str, devices=None,
 
 def initial_state(run: Run) -> TrainState:
   """Step 0 of `run`: variables from `models.init_variables` (seeded by `config.seed`), fresh
-  optimizer state, replicated over the run's mesh."""
+  optimizer state; built on the host and placed on the run's mesh once, replicated."""
   variables = models.init_variables(run.model, seed=run.config.seed)
   params = variables['params']
-  opt_state = jax.jit(run.tx.init)(params)
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):  # the host's own device
+    opt_state = jax.device_get(run.tx.init(params))
+    rng = jax.device_get(jax.random.PRNGKey(run.config.seed + 1))
   state = TrainState(step=np.zeros((), np.int32), params=params,
                      batch_stats=variables['batch_stats'], masks=variables.get('masks', {}),
-                     opt_state=opt_state,
-                     rng=np.asarray(jax.random.PRNGKey(run.config.seed + 1)))
-  return replicate(jax.device_get(state), NamedSharding(run.mesh, P()))
+                     opt_state=opt_state, rng=rng)
+  return replicate(state, NamedSharding(run.mesh, P()))
 
 
 def global_batch(run: Run, arrays: dict[str, np.ndarray]):

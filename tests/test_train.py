@@ -363,3 +363,19 @@ def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
   updates.clear()
   config.compilation_cache_dir = ''
   assert startup.enable_compilation_cache(config, str(tmp_path)) is None and not updates
+
+
+def test_training_steps_make_no_implicit_transfers(tmp_path):
+  """Once the state is placed, steps move nothing between host and devices implicitly: the
+  batches are placed explicitly (`train.global_batch`) and the state stays on the devices."""
+  config = tiny(digits_config.get_config())
+  run = train.setup(config, str(tmp_path), devices=jax.devices()[:1])
+  state = train.initial_state(run)
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+  batches = train.train_batches(run, 0)
+  state, _ = run.train_step(state, train.global_batch(run, next(batches)))  # compiles
+  with jax.transfer_guard('disallow'):
+    for _ in range(3):
+      state, metrics = run.train_step(state, train.global_batch(run, next(batches)))
+    jax.block_until_ready((state, metrics))
+  assert int(jax.device_get(state.step)) == 4
