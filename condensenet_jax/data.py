@@ -1,4 +1,4 @@
-"""Datasets and input pipelines.
+"""Datasets and input pipelines, behind one interface (`DataSource`, from `load`).
 
 CIFAR-10/100 (tfds) and the offline digits set (scikit-learn's 8x8 digits, upsampled to 32x32)
 are held as uint8 arrays on the host; the training batch of step `t` is a pure function of
@@ -7,13 +7,16 @@ are held as uint8 arrays on the host; the training batch of step `t` is a pure f
 any step and does not depend on the number of devices. The test set is evaluated completely:
 the last batch is padded and masked (`eval_batches`).
 
-ImageNet streams through tfds + tf.data, split per process (`imagenet_train`, `imagenet_eval`).
+ImageNet streams through tfds + tf.data, split per process (`StreamingDataset`:
+`imagenet_train`, `imagenet_eval`).
 """
 
 import dataclasses
+import functools
+import itertools
 import os
 import socket
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +37,36 @@ class DatasetUnavailableError(RuntimeError):
   """The dataset is not on disk and cannot be downloaded; the message says how to provide it."""
 
 
+class DataSource(Protocol):
+  """What a training run reads its data through; `InMemoryDataset` and `StreamingDataset`
+  implement it.
+
+  Images are uint8 RGB `[n, image_size, image_size, 3]`, labels int32 `[n]`; batches are this
+  process's share of each global batch (`process_slice`).
+  """
+  name: str
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  # True: training batches come as stored and the step crops and flips them on the device;
+  # False: they come augmented (decoding and resizing happen on the host anyway).
+  augment_on_device: bool
+
+  @property
+  def image_size(self) -> int: ...
+  @property
+  def num_train(self) -> int: ...
+  def train_batches(self, seed: int, start_step: int, global_batch: int
+                    ) -> Iterator[dict[str, np.ndarray]]: ...
+  def eval_batches(self, global_batch: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+  def preprocessing(self) -> dict[str, Any]: ...
+
+
 @dataclasses.dataclass
 class InMemoryDataset:
-  """A dataset held on the host as uint8 NHWC arrays."""
+  """A dataset held on the host as uint8 NHWC arrays (a `DataSource`). The batch of a step
+  is a pure function of (seed, step) (`train_indices`); crops and flips run on the device."""
   name: str
   train_images: np.ndarray  # [n_train, h, w, 3] uint8
   train_labels: np.ndarray  # [n_train] int32
@@ -47,10 +77,29 @@ class InMemoryDataset:
   std: tuple[float, ...]
   class_names: Optional[tuple[str, ...]] = None  # one per class; None: '0', '1', ...
 
+  augment_on_device: ClassVar[bool] = True
+
   @property
   def image_size(self) -> int:
     """Side of the (square) images, in pixels."""
     return self.train_images.shape[1]
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_labels)
+
+  def train_batches(self, seed: int, start_step: int, global_batch: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the global batch of every step from `start_step` on."""
+    share = process_slice(global_batch)
+    for step in itertools.count(start_step):
+      idx = train_indices(seed, step, self.num_train, global_batch)[share]
+      yield {'image': self.train_images[idx], 'label': self.train_labels[idx]}
+
+  def eval_batches(self, global_batch: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The test set once, as `eval_batches` gives it."""
+    return eval_batches(self.test_images, self.test_labels, global_batch)
 
   def preprocessing(self) -> dict[str, Any]:
     """What a model trained on this dataset expects (`preprocessing`)."""
@@ -185,19 +234,20 @@ def cifar(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
                          tuple(label.names))
 
 
-def load(name: str, data_dir: Optional[str] = None) -> InMemoryDataset:
-  """The in-memory dataset `name` ('digits', 'cifar10' or 'cifar100').
+def load(name: str, data_dir: Optional[str] = None) -> DataSource:
+  """The dataset `name`: 'digits', 'cifar10' or 'cifar100' in memory, 'imagenet2012'
+  streamed (`StreamingDataset`).
 
   Raises:
-    ValueError: `name` is 'imagenet2012' (streamed, not held in memory) or unknown.
-    DatasetUnavailableError: as `cifar`.
+    ValueError: an unknown `name`.
+    DatasetUnavailableError: the data is not on disk and cannot be downloaded.
   """
   if name == 'digits':
     return digits()
   if name in CIFAR_STATS:
     return cifar(name, data_dir)
   if name == 'imagenet2012':
-    raise ValueError("imagenet2012 streams through tf.data: use imagenet_train/imagenet_eval.")
+    return StreamingDataset(name, data_dir)
   raise ValueError(f'dataset={name!r} is unknown; use one of {DATASETS}.')
 
 
@@ -301,23 +351,6 @@ def _imagenet_builder(data_dir, name='imagenet2012'):
   return builder
 
 
-def imagenet_num_examples(data_dir: Optional[str] = None, name: str = 'imagenet2012'
-                          ) -> dict[str, int]:
-  """`{'train': n, 'validation': n}`: the example counts of tfds' ImageNet.
-
-  Raises:
-    DatasetUnavailableError: ImageNet is not prepared (it cannot be downloaded automatically).
-  """
-  builder = _imagenet_builder(data_dir, name)
-  return {s: builder.info.splits[s].num_examples for s in ('train', 'validation')}
-
-
-def imagenet_class_names(data_dir: Optional[str] = None, name: str = 'imagenet2012'
-                         ) -> tuple[str, ...]:
-  """The 1000 class names of tfds' ImageNet (WordNet ids such as 'n01440764'), label order."""
-  return tuple(_imagenet_builder(data_dir, name).info.features['label'].names)
-
-
 def imagenet_train(seed: int, start_step: int, global_batch: int, image_size: int = 224,
                    data_dir: Optional[str] = None, name: str = 'imagenet2012'
                    ) -> Iterator[dict[str, np.ndarray]]:
@@ -407,3 +440,47 @@ def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[s
   ds = ds.concatenate(pad).batch(per_process).prefetch(tf.data.AUTOTUNE)
   for batch in tfds.as_numpy(ds):
     yield batch['image'], batch['label'], batch['valid']
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingDataset:
+  """A tfds image-classification dataset streamed through tf.data (a `DataSource`): ImageNet
+  by default. Training batches are random-resized crops with flips, decoded and augmented on
+  the host (`imagenet_train`); evaluation resizes the shorter side and center-crops
+  (`imagenet_eval`). The tfds builder needs `train` and `validation` splits.
+
+  Raises DatasetUnavailableError (on first use) when the data is not prepared.
+  """
+  name: str = 'imagenet2012'
+  data_dir: Optional[str] = None
+  image_size: int = 224
+  mean: tuple[float, ...] = IMAGENET_STATS[0]
+  std: tuple[float, ...] = IMAGENET_STATS[1]
+
+  augment_on_device: ClassVar[bool] = False
+
+  @functools.cached_property
+  def _builder(self):
+    return _imagenet_builder(self.data_dir, self.name)
+
+  @property
+  def num_train(self) -> int:
+    return self._builder.info.splits['train'].num_examples
+
+  @property
+  def num_classes(self) -> int:
+    return self._builder.info.features['label'].num_classes
+
+  def train_batches(self, seed: int, start_step: int, global_batch: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    return imagenet_train(seed, start_step, global_batch, self.image_size, self.data_dir,
+                          self.name)
+
+  def eval_batches(self, global_batch: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return imagenet_eval(global_batch, self.image_size, self.data_dir, self.name)
+
+  def preprocessing(self) -> dict[str, Any]:
+    return preprocessing(self.name, self.image_size, self.mean, self.std, self.num_classes,
+                         self._builder.info.features['label'].names,
+                         resize_shorter=int(round(self.image_size * 256 / 224)))

@@ -225,7 +225,7 @@ class Run:
   workdir: str
   mesh: Mesh
   model: Any
-  dataset: Optional[data.InMemoryDataset]
+  dataset: data.DataSource
   num_train: int
   steps_per_epoch: int
   total_steps: int
@@ -274,10 +274,10 @@ def validate(config, devices: int) -> None:
 
 
 def setup(config, workdir: str, devices=None,
-          dataset: Optional[data.InMemoryDataset] = None) -> Run:
+          dataset: Optional[data.DataSource] = None) -> Run:
   """Loads the data and builds the model, schedule and compiled programs of a run over
-  `devices` (default: all devices of all processes). A given in-memory `dataset` (for example
-  `data.synthetic`) replaces the one `config.dataset` names.
+  `devices` (default: all devices of all processes). A given `dataset` (a `data.DataSource`,
+  for example `data.synthetic`) replaces the one `config.dataset` names.
 
   Raises:
     ValueError: naming the field and the fix, for a config that cannot run (`validate`, the
@@ -287,26 +287,18 @@ def setup(config, workdir: str, devices=None,
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
   mesh = Mesh(np.asarray(devices), (AXIS,))
-  if dataset is not None:
-    num_train, num_classes = len(dataset.train_labels), dataset.num_classes
-    mean, std = dataset.mean, dataset.std
-  elif config.dataset == 'imagenet2012':
-    counts = data.imagenet_num_examples(config.data_dir)
-    num_train, num_classes = counts['train'], 1000
-    mean, std = data.IMAGENET_STATS
-  else:
+  if dataset is None:
     dataset = data.load(config.dataset, config.data_dir)
-    num_train, num_classes = len(dataset.train_labels), dataset.num_classes
-    mean, std = dataset.mean, dataset.std
-  model = build_model(config, num_classes)
+  num_train, mean, std = dataset.num_train, dataset.mean, dataset.std
+  model = build_model(config, dataset.num_classes)
   if isinstance(model, models.CondenseNet):
     model.check()
-  image_size = dataset.image_size if dataset is not None else 224
+  image_size = dataset.image_size
   if image_size != models.default_image_size(model):
     raise ValueError(
         f"config.model.stem={model.stem!r} with {len(model.stages)} dense blocks needs "
         f'{models.default_image_size(model)}x{models.default_image_size(model)} images, but '
-        f'{config.dataset} images are {image_size}x{image_size}; use '
+        f'{dataset.name} images are {image_size}x{image_size}; use '
         f"stem='{'cifar' if image_size == 32 else 'imagenet'}' or a matching number of "
         'stages.')
   per_epoch = data.steps_per_epoch(num_train, config.batch_size)
@@ -322,7 +314,7 @@ def setup(config, workdir: str, devices=None,
   traces = []
   step = functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, config=config, total_steps=total,
-      mean=mean, std=std, augment_on_device=dataset is not None,
+      mean=mean, std=std, augment_on_device=dataset.augment_on_device,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
@@ -365,26 +357,14 @@ def global_batch(run: Run, arrays: dict[str, np.ndarray]):
 
 def train_batches(run: Run, start_step: int):
   """This process's share of the global batches from `start_step` on."""
-  if run.dataset is None:
-    yield from data.imagenet_train(run.config.seed, start_step, run.config.batch_size,
-                                   data_dir=run.config.data_dir)
-    return
-  share = data.process_slice(run.config.batch_size)
-  for step in range(start_step, run.total_steps):
-    idx = data.train_indices(run.config.seed, step, run.num_train, run.config.batch_size)[share]
-    yield {'image': run.dataset.train_images[idx], 'label': run.dataset.train_labels[idx]}
+  return run.dataset.train_batches(run.config.seed, start_step, run.config.batch_size)
 
 
 def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
   """Accuracy and loss of `eval_model` on the whole test set."""
   fn = run.eval_step(eval_model)
-  if run.dataset is None:
-    batches = data.imagenet_eval(run.config.eval_batch_size, data_dir=run.config.data_dir)
-  else:
-    batches = data.eval_batches(run.dataset.test_images, run.dataset.test_labels,
-                                run.config.eval_batch_size)
   totals = None
-  for images, labels, valid in batches:
+  for images, labels, valid in run.dataset.eval_batches(run.config.eval_batch_size):
     out = fn(variables, global_batch(run, {'image': images, 'label': labels,
                                            'valid': valid}))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
@@ -475,15 +455,6 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   return state
 
 
-def _preprocessing(run: Run) -> dict[str, Any]:
-  """The evaluation preprocessing of the run's data (saved with the condensed model)."""
-  if run.dataset is not None:
-    return run.dataset.preprocessing()
-  mean, std = run.mean, run.std
-  return data.preprocessing(run.config.dataset, 224, mean, std, run.model.num_classes,
-                            data.imagenet_class_names(run.config.data_dir), resize_shorter=256)
-
-
 def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[str, Any]:
   """Exports the condensed model, evaluates both forms and fills in the summary."""
   model, config, workdir = run.model, run.config, run.workdir
@@ -511,7 +482,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
         f'{summary["masked_multiply_adds"] / 1e6:.1f}M)')
     if lead:
       checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars,
-                                preprocessing=_preprocessing(run))
+                                preprocessing=run.dataset.preprocessing())
   summary['final_state_sha256'] = checkpoint.state_sha256(state)
   return summary
 

@@ -1,6 +1,9 @@
 """Tests for condensenet_jax.data: datasets, the order of examples, augmentation, eval
 batches and the ImageNet tf.data pipeline (on a tiny locally generated dataset)."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +124,36 @@ def test_imagenet_eval_pipeline_covers_the_validation_set(tiny_images):
   assert valid.sum() == module.NUM_VALIDATION and len(valid) == 15
   pixels = np.concatenate([b[0][:, 12, 12, 0] for b in batches])[valid > 0]
   assert sorted(pixels) == list(range(module.NUM_VALIDATION))
+
+
+@pytest.mark.slow
+def test_a_streamed_dataset_trains_condenses_and_exports(tiny_images, tmp_path):
+  """The streaming path of a run (host-side crops, tf.data evaluation, the class names of the
+  tfds builder), end to end on a tiny tfds dataset instead of ImageNet."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import condense, train  # pylint: disable=g-import-not-at-top
+  data_dir, module = tiny_images
+  source = data.StreamingDataset('tiny_images', data_dir, image_size=32)
+  assert source.num_train == module.NUM_TRAIN and source.num_classes == 5
+  config = digits_config.get_config()
+  config.num_epochs, config.batch_size, config.eval_batch_size = 2, 8, 8
+  config.model.stages, config.model.growth = (1, 1, 1), (4, 8, 8)
+  config.eval_every_epochs = 0
+  run = train.setup(config, str(tmp_path), devices=jax.devices()[:1], dataset=source)
+  assert run.total_steps == 10
+  batch = next(train.train_batches(run, 0))
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+  state = train.initial_state(run)
+  batches = train.train_batches(run, 0)
+  for _ in range(run.total_steps):
+    state, _ = run.train_step(state, train.global_batch(run, next(batches)))
+  result = train.evaluate(run, run.model, state.variables())
+  assert result['examples'] == module.NUM_VALIDATION and 0 <= result['accuracy'] <= 1
+  small, small_vars = condense.export(run.model, jax.device_get(state.variables()))
+  condensed = train.evaluate(run, small, train.replicate(
+      small_vars, jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())))
+  assert condensed['examples'] == module.NUM_VALIDATION
+  preprocessing = source.preprocessing()
+  assert preprocessing['class_names'] == ['0', '1', '2', '3', '4']
+  assert (preprocessing['image_size'], preprocessing['resize_shorter']) == (32, 37)
