@@ -123,23 +123,23 @@ def lowering_used(lowering: str, mode: str) -> str:
   """What `conv_lowering` runs as on this backend ('auto' resolved, as `layers` resolves it;
   on CPU the condensed model's 1x1 convolutions are picked per layer by map size)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
   if lowering == 'auto' and mode == 'infer_condensed' and jax.default_backend() == 'cpu':
     return ('block_diagonal; condensed 1x1 convolutions per_group on maps of at most '
-            f'{layers.CPU_PER_GROUP_MAX_PIXELS} pixels')
-  return layers.resolve_lowering(lowering)
+            f'{execution.CPU_PER_GROUP_MAX_PIXELS} pixels')
+  return execution.resolve_lowering(lowering)
 
 
 def gathers_used(gathers: str, mode: str) -> Optional[str]:
   """What the condensed model's `gathers` runs as on this backend (None outside
   infer_condensed)."""
-  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
   if mode != 'infer_condensed':
     return None
-  large, small = (layers.skips_gathers(gathers, pixels, train=False)
-                  for pixels in (1 + layers.CPU_GATHER_FREE_MIN_PIXELS, 1))
+  large, small = (execution.skips_gathers(gathers, pixels, train=False)
+                  for pixels in (1 + execution.CPU_GATHER_FREE_MIN_PIXELS, 1))
   if large != small:
-    return f'skip on maps of more than {layers.CPU_GATHER_FREE_MIN_PIXELS} pixels, else keep'
+    return f'skip on maps of more than {execution.CPU_GATHER_FREE_MIN_PIXELS} pixels, else keep'
   return 'skip' if large else 'keep'
 
 
@@ -297,7 +297,7 @@ def run(args) -> dict:
   """Compiles, warms up and times `args.steps` steps; the figures as a dict."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import models, startup  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution, startup  # pylint: disable=g-import-not-at-top
   prepared = prepare(args)
   config, model, eval_model = prepared.config, prepared.model, prepared.eval_model
   cost = _cost(prepared.program)
@@ -316,12 +316,12 @@ def run(args) -> dict:
       'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
       'conv_lowering_used': lowering_used(config.model.conv_lowering, args.mode),
       'dense_blocks': model.dense_blocks,
-      'dense_blocks_used': models.resolve_dense_blocks(model.dense_blocks,
+      'dense_blocks_used': execution.resolve_dense_blocks(model.dense_blocks,
                                                        train=args.mode == 'train'),
       'gathers': getattr(model, 'gathers', None),
       'gathers_used': gathers_used(getattr(model, 'gathers', 'keep'), args.mode),
       'cpu_convolutions': config.cpu_convolutions,
-      'compiler_options': startup.compiler_options(config),
+      'compiler_options': execution.compiler_options(config),
       'deterministic': bool(config.deterministic),
       'xla_deterministic_flag': startup.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

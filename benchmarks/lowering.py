@@ -6,7 +6,7 @@ For each lowering ('grouped', 'block_diagonal', 'per_group') prints the compile 
 median time of the training-form forward pass (train mode: batch statistics), of forward +
 backward (gradient of the summed logits w.r.t. the params), and of condensed-model inference;
 the last line is a JSON object with all figures. The lowering 'auto' picks on this backend is
-marked. Programs are compiled with the training run's options (`startup.compiler_options`;
+marked. Programs are compiled with the training run's options (`execution.compiler_options`;
 `--cpu-convolutions` as `config.cpu_convolutions`).
 """
 
@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from condensenet_jax import condense, layers, models, startup
+from condensenet_jax import condense, execution, models
 
 
 def _time(fn, *args, repeats):
@@ -45,10 +45,10 @@ def main():
   parser.add_argument('--model', default='CondenseNet86')
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--lowerings', default=','.join(layers.LOWERINGS))
-  parser.add_argument('--cpu-convolutions', choices=startup.CPU_CONVOLUTIONS, default='xla')
+  parser.add_argument('--lowerings', default=','.join(execution.LOWERINGS))
+  parser.add_argument('--cpu-convolutions', choices=execution.CPU_CONVOLUTIONS, default='xla')
   args = parser.parse_args()
-  options = startup.compiler_options(
+  options = execution.compiler_options(
       ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
   jit = lambda fn: jax.jit(fn, compiler_options=options)
   base = getattr(models, args.model)()
@@ -56,7 +56,7 @@ def main():
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, size, size, 3))
   variables = models.init_variables(base, seed=0)
   small, small_vars = _condensed(base)
-  auto = layers.resolve_lowering('auto')
+  auto = execution.resolve_lowering('auto')
   results = []
   print(f'{args.model}, batch {args.batch_size}, {jax.devices()[0].device_kind} '
         f'({jax.default_backend()}); median of {args.repeats}, milliseconds')

@@ -99,8 +99,7 @@ def plan(args) -> dict:
   official = [o + steps for o in official]
   profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
               '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
-  from condensenet_jax.layers import GATHER_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
-  from condensenet_jax.models import DENSE_BLOCK_FORMS  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.execution import DENSE_BLOCK_FORMS, GATHER_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
   checked = (train(small, 'float32'), infer('infer_condensed', 'float32'))
   lowerings = ([job + ['--conv-lowering', lowering] for lowering in LOWERINGS for job in checked]
                + [job + ['--dense-blocks', form] for form in DENSE_BLOCK_FORMS

@@ -268,7 +268,7 @@ def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any
   different BN parameters or statistics, if `model` may run without its gathers.
 
   Conversion copies every kept channel's BN from the one BN of the training form, so all
-  copies of a channel are equal; the gather-free form (`layers.skips_gathers`) relies on that.
+  copies of a channel are equal; the gather-free form (`execution.skips_gathers`) relies on that.
   Copies can only differ if the condensed form itself was trained.
   """
   if model.gathers == 'keep':

@@ -19,89 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from condensenet_jax import execution
+
 # He-normal with fan = kh * kw * out_channels, as the official initialization.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # PyTorch's default nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
-
-
-# On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of at most this
-# many pixels run group by group (`CondensedConv._per_group`: per-group gathers and matmuls);
-# on larger maps they skip their gathers (`CPU_GATHER_FREE_MIN_PIXELS`) or run one
-# block-diagonal matmul.
-# Chosen by measurement: docs/backends.md#cpu-per-group-max-pixels.
-CPU_PER_GROUP_MAX_PIXELS = 256
-
-
-def resolve_lowering(lowering: str, pixels: Optional[int] = None, condensed: bool = False,
-                     backend: Optional[str] = None) -> str:
-  """Returns the grouped-convolution lowering to use on `backend` (default: JAX's).
-
-  'grouped' is XLA's `feature_group_count` convolution (what TPUs run natively);
-  'block_diagonal' runs one dense convolution with a kernel whose off-diagonal blocks are zero;
-  'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
-  All three compute the same function. 'auto' picks:
-    - TPU: 'grouped';
-    - GPU: 'block_diagonal';
-    - CPU: 'block_diagonal', except 'per_group' for the condensed model's 1x1 convolutions
-      (`condensed`) over maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when
-      given: the layer passes it in eval mode only).
-  Chosen by measurement: docs/backends.md#conv-lowering.
-
-  Args:
-    lowering: 'auto' or one of `LOWERINGS`.
-    pixels: map height x width of the convolution's input, or None (training).
-    condensed: whether the convolution is a condensed model's 1x1 group convolution.
-    backend: 'cpu', 'gpu', 'tpu', ...; default `jax.default_backend()`.
-  Returns:
-    One of `LOWERINGS`; an explicit `lowering` is returned as it is.
-  Raises:
-    ValueError: `lowering` is neither 'auto' nor one of `LOWERINGS`.
-  """
-  if lowering == 'auto':
-    backend = backend or jax.default_backend()
-    if backend == 'tpu':
-      return 'grouped'
-    if backend != 'cpu':
-      return 'block_diagonal'
-    small = pixels is not None and pixels <= CPU_PER_GROUP_MAX_PIXELS
-    return 'per_group' if small and condensed else 'block_diagonal'
-  if lowering not in LOWERINGS:
-    raise ValueError(f'conv_lowering={lowering!r} is not one of '
-                     f"{('auto',) + LOWERINGS}.")
-  return lowering
-
-
-GATHER_FORMS = ('keep', 'skip')
-
-# With gathers='auto', on CPU, in eval mode, condensed 1x1 convolutions over maps of more than
-# this many pixels run without their channel gather (`CondensedConv`); smaller maps keep it.
-# Chosen by measurement: docs/backends.md#cpu-gather-free-min-pixels.
-CPU_GATHER_FREE_MIN_PIXELS = 64
-
-
-def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str] = None) -> bool:
-  """Whether a condensed 1x1 convolution over maps of `pixels` pixels skips its channel gather.
-
-  `gathers`: 'keep'; 'skip' (eval mode only: training always gathers, since the copies of a
-  channel that several groups read get gradients of their own); or 'auto', which skips in
-  eval mode on CPU (`backend`, default: JAX's) on maps of more than
-  `CPU_GATHER_FREE_MIN_PIXELS` pixels and keeps the gathers elsewhere. Both forms compute the
-  same function when the copies of a channel share their BN terms
-  (`condense.check_gathered_norms`). Chosen by measurement: docs/backends.md#gathers.
-
-  Raises:
-    ValueError: `gathers` is not 'auto', 'keep' or 'skip'.
-  """
-  if gathers not in ('auto',) + GATHER_FORMS:
-    raise ValueError(f'gathers={gathers!r} is not one of {("auto",) + GATHER_FORMS}.')
-  if train:
-    return False
-  if gathers == 'auto':
-    return (backend or jax.default_backend()) == 'cpu' and pixels > CPU_GATHER_FREE_MIN_PIXELS
-  return gathers == 'skip'
 
 
 def _pixels(x, train: bool) -> Optional[int]:
@@ -145,7 +68,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
   kh, kw, in_per_group, out = kernel.shape
   pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
       p == (0, 0) for p in padding)
-  lowering = resolve_lowering(lowering)
+  lowering = execution.resolve_lowering(lowering)
   if groups == 1:
     if pointwise:
       return jnp.dot(x, kernel[0, 0])
@@ -399,11 +322,11 @@ class CondensedConv(nn.Module):
     norm = batch_norm_relu(self, train)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
-    if skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
+    if execution.skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
       return self._gather_free(x, index.value, norm, kernel)
     # On CPU, in eval mode, per group on small maps, else block-diagonal
     # (docs/backends.md#cpu-per-group-max-pixels).
-    lowering = resolve_lowering(self.conv_lowering, _pixels(x, train), condensed=True)
+    lowering = execution.resolve_lowering(self.conv_lowering, _pixels(x, train), condensed=True)
     if lowering == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
     x = norm(take_channels(x, index.value))  # [n, h, w, kept]

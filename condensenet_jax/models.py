@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from condensenet_jax import layers
+from condensenet_jax import execution, layers
 
 # stem -> (stride of the first convolution, window of the final average pooling)
 STEMS = {'cifar': (1, 8), 'imagenet': (2, 7)}
@@ -100,28 +100,6 @@ class DenseLayer(nn.Module):
     return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
 
 
-DENSE_BLOCK_FORMS = ('concatenate', 'preallocate')
-
-
-def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] = None) -> str:
-  """How a dense block collects its layers' features: 'concatenate' (each layer's new features
-  are concatenated onto a copy of everything before them) or 'preallocate' (one buffer of the
-  block's final width, into which each layer writes its features in place). The two compute
-  the same function. 'auto' picks 'preallocate' in eval mode on CPU (`backend`, default:
-  JAX's), 'concatenate' otherwise. Chosen by measurement: docs/backends.md#dense-blocks.
-
-  Raises:
-    ValueError: `dense_blocks` is not 'auto' or one of `DENSE_BLOCK_FORMS`.
-  """
-  if dense_blocks == 'auto':
-    cpu = (backend or jax.default_backend()) == 'cpu'
-    return 'preallocate' if cpu and not train else 'concatenate'
-  if dense_blocks not in DENSE_BLOCK_FORMS:
-    raise ValueError(f'dense_blocks={dense_blocks!r} is not one of '
-                     f"{('auto',) + DENSE_BLOCK_FORMS}.")
-  return dense_blocks
-
-
 class DenseBlock(nn.Module):
   """`num_layers` dense layers, each reading all the features before it.
 
@@ -149,7 +127,7 @@ class DenseBlock(nn.Module):
       new = layers.batch_stats(y, self.spec.bn_axis_name)
       return tuple(jnp.concatenate([a, b]) for a, b in zip(stats, new))
 
-    if resolve_dense_blocks(self.spec.dense_blocks, train) == 'concatenate':
+    if execution.resolve_dense_blocks(self.spec.dense_blocks, train) == 'concatenate':
       for l in range(1, self.num_layers + 1):
         y = layer(l)(x, train, stats)
         x = jnp.concatenate([x, y], axis=-1)  # [n, h, w, in + growth]
@@ -213,7 +191,7 @@ class CondenseNet(nn.Module):
   conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
   dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
-  gathers: str = 'auto'  # the condensed form's channel gathers: see `layers.skips_gathers`
+  gathers: str = 'auto'  # the condensed form's channel gathers: see `execution.skips_gathers`
 
   layer_kind = 'learned'
 
@@ -227,8 +205,8 @@ class CondenseNet(nn.Module):
       raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
                        'equal length (one growth rate per dense block).')
     stem_geometry(self.stem)
-    resolve_dense_blocks(self.dense_blocks, train=False)
-    layers.skips_gathers(self.gathers, 0, train=False)
+    execution.resolve_dense_blocks(self.dense_blocks, train=False)
+    execution.skips_gathers(self.gathers, 0, train=False)
     for b, l, in_channels, k in dense_layer_inputs(self.stages, self.growth):
       where = f'denseblock_{b}/denselayer_{l}'
       width = self.bottleneck * k

@@ -1,18 +1,16 @@
-"""Process start-up: joining a multi-host run, XLA options of the compiled programs,
-deterministic GPU kernels, the persistent compilation cache and the workdir check.
+"""Process start-up: joining a multi-host run, deterministic GPU kernels, the persistent
+compilation cache and the workdir check (the XLA options of the programs are in `execution`).
 
 Everything here happens once per process, before the run's programs are built; nothing here
 touches the model or the data.
 """
 
-import functools
 import os
 import tempfile
 import warnings
 from typing import Optional
 
 import jax
-import numpy as np
 
 
 def maybe_initialize_distributed() -> None:
@@ -32,60 +30,6 @@ def maybe_initialize_distributed() -> None:
   elif (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
         or ',' in env.get('TPU_WORKER_HOSTNAMES', '')):
     jax.distributed.initialize()
-
-
-CPU_CONVOLUTIONS = ('xla', 'ynnpack')
-
-
-# XLA's CPU backend (JAX 0.10) hands matrix products, convolutions and reductions to YNNPACK
-# (`xla_cpu_experimental_ynn_fusion_type`). These options keep the products and reductions
-# there and give the convolutions back to XLA's own kernels; they also lower LLVM's
-# optimization level from 2 to 1 (`xla_backend_optimization_level`), which shortens
-# compilation. Options of the run's compiled programs only, not XLA_FLAGS: nothing else in
-# the process changes.
-# Chosen by measurement: docs/backends.md#cpu-compiler-options.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
-                         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
-                         'xla_backend_optimization_level': 1}
-
-
-def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
-  """XLA options of the run's compiled programs on `backend` (default: JAX's).
-
-  `config.cpu_convolutions` says which kernels run convolutions on a CPU: 'xla' (default; XLA's
-  own, and LLVM at optimization level 1: `CPU_COMPILER_OPTIONS`) or 'ynnpack' (what this JAX
-  does by itself, at its default level). Other backends get no options. A JAX that does not
-  know the options gets none either, with a warning.
-  Chosen by measurement: docs/backends.md#cpu-convolutions.
-
-  Raises:
-    ValueError: `config.cpu_convolutions` is not one of `CPU_CONVOLUTIONS`.
-  """
-  choice = cpu_convolutions(config)
-  if (backend or jax.default_backend()) != 'cpu' or choice == 'ynnpack':
-    return None
-  return dict(CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
-
-
-def cpu_convolutions(config) -> str:
-  """`config.cpu_convolutions`, checked: one of `CPU_CONVOLUTIONS`, else ValueError."""
-  choice = config.cpu_convolutions
-  if choice not in CPU_CONVOLUTIONS:
-    raise ValueError(f'config.cpu_convolutions={choice!r} is not one of {CPU_CONVOLUTIONS}.')
-  return choice
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_compiler_options_supported() -> bool:
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
-        np.float32(0)).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(f'This JAX does not take the XLA option {CPU_COMPILER_OPTIONS} ({e}); '
-                  "convolutions run on XLA's default CPU kernels, as with "
-                  "config.cpu_convolutions='ynnpack'.", stacklevel=3)
-    return False
-  return True
 
 
 DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'

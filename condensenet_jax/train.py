@@ -24,8 +24,8 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from condensenet_jax import (checkpoint, condense, data, flops, models, preemption, reporting,
-                             startup)
+from condensenet_jax import (checkpoint, condense, data, execution, flops, models, preemption,
+                             reporting, startup)
 
 AXIS = 'batch'
 
@@ -171,24 +171,6 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   return new, metrics
 
 
-# Inference on CPU runs in chunks of this many examples (the activations of a chunk stay in
-# cache); other backends take the whole per-device batch at once.
-# Chosen by measurement: docs/backends.md#eval-chunk.
-CPU_EVAL_CHUNK = 32
-
-
-def eval_chunk(config) -> int:
-  """Examples per inference pass on each device (0: the whole per-device batch).
-
-  `config.eval_chunk` when it is 0 or more; for -1 (default) `CPU_EVAL_CHUNK` on CPU and 0
-  elsewhere.
-  """
-  chunk = config.eval_chunk
-  if chunk < 0:
-    return CPU_EVAL_CHUNK if jax.default_backend() == 'cpu' else 0
-  return chunk
-
-
 def inference_logits(model, variables, x, chunk: int = 0):
   """`model.apply(variables, x)` in eval mode, in chunks of `chunk` examples (`lax.map`) when
   `chunk` divides the batch; the same function (no example sees another in eval mode)."""
@@ -270,7 +252,7 @@ def validate(config, devices: int) -> None:
   if config.eval_batch_size % devices:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
                      f'the {devices} devices; use a multiple of {devices}.')
-  startup.cpu_convolutions(config)
+  execution.cpu_convolutions(config)
 
 
 def setup(config, workdir: str, devices=None,
@@ -318,7 +300,7 @@ def setup(config, workdir: str, devices=None,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
-  options = startup.compiler_options(config, devices[0].platform)
+  options = execution.compiler_options(config, devices[0].platform)
   compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                         out_specs=(P(), P()), check_vma=False),
                           donate_argnums=0, compiler_options=options)
@@ -326,7 +308,7 @@ def setup(config, workdir: str, devices=None,
   @functools.lru_cache(maxsize=None)
   def compiled_eval(eval_model):
     fn = functools.partial(eval_step, model=eval_model, mean=mean, std=std,
-                           dtype=compute_dtype(config), chunk=eval_chunk(config))
+                           dtype=compute_dtype(config), chunk=execution.eval_chunk(config, devices[0].platform))
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
                                  check_vma=False), compiler_options=options)
 

@@ -67,7 +67,7 @@ def test_inference_modes(tiny_config, mode, model):
   assert result['dtype'] == 'bfloat16' and result['img_per_s'] > 0
   assert result['compile_phases'] is None  # only with --compile-phases
   import jax  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import layers  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
   if jax.default_backend() == 'cpu':  # condensed 1x1 convolutions per layer, by map size
     assert result['conv_lowering_used'] == (
         'block_diagonal; condensed 1x1 convolutions per_group on maps of at most 256 pixels'
@@ -75,7 +75,7 @@ def test_inference_modes(tiny_config, mode, model):
     assert result['gathers_used'] == ('skip on maps of more than 64 pixels, else keep'
                                       if mode == 'infer_condensed' else None)
   else:
-    assert result['conv_lowering_used'] == layers.resolve_lowering('auto')
+    assert result['conv_lowering_used'] == execution.resolve_lowering('auto')
   assert result['dense_blocks_used'] == (
       'preallocate' if jax.default_backend() == 'cpu' else 'concatenate')
 
@@ -91,10 +91,10 @@ def test_gathers_flag(tiny_config):
 
 def test_cpu_convolutions_flag(tiny_config):
   import jax  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import startup  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
   on_cpu = jax.default_backend() == 'cpu'
   for choice, options in (('ynnpack', None),
-                          ('xla', startup.CPU_COMPILER_OPTIONS if on_cpu else None)):
+                          ('xla', execution.CPU_COMPILER_OPTIONS if on_cpu else None)):
     result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size',
                          '4', '--steps', '1', '--cpu-convolutions', choice])
     assert result['cpu_convolutions'] == choice and result['compiler_options'] == options
@@ -194,15 +194,15 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
 
 
 def test_suite_lowerings_group_times_each_explicit_lowering():
-  from condensenet_jax import layers, models  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
   jobs = suite.plan(suite.parse_args(['--quick']))['lowerings']
   named = [job[job.index('--conv-lowering') + 1] for job in jobs if '--conv-lowering' in job]
-  assert sorted(named) == sorted(2 * layers.LOWERINGS)
+  assert sorted(named) == sorted(2 * execution.LOWERINGS)
   forms = [job[job.index('--dense-blocks') + 1] for job in jobs if '--dense-blocks' in job]
-  assert sorted(forms) == sorted(2 * models.DENSE_BLOCK_FORMS)
+  assert sorted(forms) == sorted(2 * execution.DENSE_BLOCK_FORMS)
   gathers = [job for job in jobs if '--gathers' in job]
   assert sorted(job[job.index('--gathers') + 1] for job in gathers) == sorted(
-      layers.GATHER_FORMS)
+      execution.GATHER_FORMS)
   assert {job[1] for job in gathers} == {'infer_condensed'}
   assert len(jobs) == len(named) + len(forms) + len(gathers)
   assert {job[1] for job in jobs} == {'train', 'infer_condensed'}

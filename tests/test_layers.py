@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from condensenet_jax import layers
+from condensenet_jax import execution, layers
 
 
 def _reference_grouped_conv(x, kernel, groups, stride, padding):
@@ -17,7 +17,7 @@ def _reference_grouped_conv(x, kernel, groups, stride, padding):
       feature_group_count=groups, precision='highest')
 
 
-@pytest.mark.parametrize('lowering', layers.LOWERINGS)
+@pytest.mark.parametrize('lowering', execution.LOWERINGS)
 @pytest.mark.parametrize('kernel_size,stride,pad,groups', [
     (1, 1, 0, 4), (3, 1, 1, 4), (3, 2, 1, 2), (1, 1, 0, 1), (3, 1, 1, 8)])
 def test_grouped_conv_lowerings_agree(lowering, kernel_size, stride, pad, groups):
@@ -44,14 +44,14 @@ def test_block_diagonal_layout():
 
 
 def test_resolve_lowering():
-  assert layers.resolve_lowering('auto') in layers.LOWERINGS
-  assert layers.resolve_lowering('auto', 64, backend='gpu') == 'block_diagonal'
-  assert layers.resolve_lowering('auto', 64, backend='tpu') == 'grouped'
-  assert layers.resolve_lowering('auto', 64, condensed=True, backend='cpu') == 'per_group'
-  assert layers.resolve_lowering('auto', 64, backend='cpu') == 'block_diagonal'
-  assert layers.resolve_lowering('per_group', backend='gpu') == 'per_group'
+  assert execution.resolve_lowering('auto') in execution.LOWERINGS
+  assert execution.resolve_lowering('auto', 64, backend='gpu') == 'block_diagonal'
+  assert execution.resolve_lowering('auto', 64, backend='tpu') == 'grouped'
+  assert execution.resolve_lowering('auto', 64, condensed=True, backend='cpu') == 'per_group'
+  assert execution.resolve_lowering('auto', 64, backend='cpu') == 'block_diagonal'
+  assert execution.resolve_lowering('per_group', backend='gpu') == 'per_group'
   with pytest.raises(ValueError, match="conv_lowering='fast'"):
-    layers.resolve_lowering('fast')
+    execution.resolve_lowering('fast')
 
 
 def test_channel_shuffle_is_group_major_to_interleaved():
@@ -68,8 +68,8 @@ def test_channel_shuffle_is_group_major_to_interleaved():
 
 
 def test_auto_lowering_on_cpu_depends_on_the_map_size_for_condensed_layers_only():
-  big, small = 32 * 32, layers.CPU_PER_GROUP_MAX_PIXELS
-  rule = functools.partial(layers.resolve_lowering, backend='cpu')
+  big, small = 32 * 32, execution.CPU_PER_GROUP_MAX_PIXELS
+  rule = functools.partial(execution.resolve_lowering, backend='cpu')
   assert rule('auto', big, condensed=True) == 'block_diagonal'
   assert rule('auto', small, condensed=True) == 'per_group'
   assert rule('auto', small) == 'block_diagonal'  # spatial convolutions
@@ -78,9 +78,9 @@ def test_auto_lowering_on_cpu_depends_on_the_map_size_for_condensed_layers_only(
 
 
 def test_skips_gathers_rule():
-  rule = layers.skips_gathers
+  rule = execution.skips_gathers
   assert rule('auto', 16 * 16, train=False, backend='cpu')
-  assert not rule('auto', layers.CPU_GATHER_FREE_MIN_PIXELS, train=False, backend='cpu')
+  assert not rule('auto', execution.CPU_GATHER_FREE_MIN_PIXELS, train=False, backend='cpu')
   for backend in ('gpu', 'tpu'):
     assert not rule('auto', 16 * 16, train=False, backend=backend)
     assert rule('skip', 4, train=False, backend=backend)

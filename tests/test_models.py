@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from condensenet_jax import checkpoint, condense, layers, models
+from condensenet_jax import checkpoint, condense, execution, layers, models
 from conftest import randomize
 
 
@@ -134,7 +134,7 @@ def test_gather_forms_give_the_same_condensed_model():
   small, small_vars = condense.export(model, {**variables, 'masks': masks}, classifier_keep=1.0)
   with jax.default_matmul_precision('highest'):
     expected = jax.jit(model.apply)({**variables, 'masks': masks}, x)
-    for gathers in ('auto',) + layers.GATHER_FORMS:
+    for gathers in ('auto',) + execution.GATHER_FORMS:
       actual = jax.jit(small.clone(gathers=gathers).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5,
                                  atol=1e-5 * np.abs(expected).max(), err_msg=gathers)
@@ -143,12 +143,12 @@ def test_gather_forms_give_the_same_condensed_model():
 
 
 def test_dense_blocks_rule():
-  resolve = models.resolve_dense_blocks
+  resolve = execution.resolve_dense_blocks
   assert resolve('auto', train=False, backend='cpu') == 'preallocate'
   assert resolve('auto', train=True, backend='cpu') == 'concatenate'
   for backend in ('gpu', 'tpu'):
     assert resolve('auto', train=False, backend=backend) == 'concatenate'
-  for form in models.DENSE_BLOCK_FORMS:
+  for form in execution.DENSE_BLOCK_FORMS:
     for train in (False, True):
       assert resolve(form, train=train, backend='gpu') == form
   with pytest.raises(ValueError, match="dense_blocks='buffer' is not one of"):
@@ -171,7 +171,7 @@ def test_dense_block_forms_give_the_same_model(form):
     masks = condense.condense_all(variables['params'], variables['masks'], model)
     model, variables = condense.export(model, {**variables, 'masks': masks})
   outputs = {}
-  for dense_blocks in models.DENSE_BLOCK_FORMS:
+  for dense_blocks in execution.DENSE_BLOCK_FORMS:
     apply = jax.jit(lambda v, x, m=model.clone(dense_blocks=dense_blocks): m.apply(
         v, x, capture_intermediates=True, mutable=['intermediates']))
     logits, state = apply(variables, x)
@@ -198,7 +198,7 @@ def test_dense_block_forms_give_the_same_gradients():
   model = models.CondenseNetTiny()
   variables = models.init_variables(model, seed=1)
   results = []
-  for dense_blocks in models.DENSE_BLOCK_FORMS:
+  for dense_blocks in execution.DENSE_BLOCK_FORMS:
     m = model.clone(dense_blocks=dense_blocks)
 
     def loss(params, m=m):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from condensenet_jax import checkpoint, condense, data, flops, models, startup, train
+from condensenet_jax import checkpoint, condense, data, execution, flops, models, startup, train
 
 # Every test here trains: the full tier.
 pytestmark = pytest.mark.slow
@@ -318,19 +318,19 @@ def _convolutions(hlo: str) -> tuple[int, int]:
 def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path):
   config = tiny(digits_config.get_config())
   assert config.cpu_convolutions == 'xla'
-  assert startup.compiler_options(config, 'gpu') is None
+  assert execution.compiler_options(config, 'gpu') is None
   config.cpu_convolutions = 'fast'
   with pytest.raises(ValueError, match=r"cpu_convolutions='fast' is not one of \('xla', "
                                        r"'ynnpack'\)"):
     train.setup(config, str(tmp_path))
   with pytest.raises(ValueError, match="cpu_convolutions='fast'"):
-    startup.compiler_options(config, 'gpu')  # refused on every backend
+    execution.compiler_options(config, 'gpu')  # refused on every backend
   config.cpu_convolutions = 'ynnpack'
-  assert startup.compiler_options(config, 'cpu') is None
+  assert execution.compiler_options(config, 'cpu') is None
   if jax.default_backend() != 'cpu':
     return
   config.cpu_convolutions = 'xla'
-  assert startup.compiler_options(config) == {
+  assert execution.compiler_options(config) == {
       'xla_cpu_experimental_ynn_fusion_type':
           'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
       'xla_backend_optimization_level': 1}
