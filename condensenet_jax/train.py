@@ -452,16 +452,13 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
     small, small_vars = condense.export(model, jax.device_get(state.variables()),
                                         classifier_keep=config.classifier_keep)
     condensed = evaluate(run, small, replicate(small_vars, NamedSharding(run.mesh, P())))
-    image_size = models.default_image_size(small)
-    f_small, p_small = flops.count(small, image_size)
-    macs = flops.multiply_adds(small, image_size)
     summary.update(condensed_accuracy=condensed['accuracy'],
-                   condensed_test_loss=condensed['loss'], condensed_flops=f_small,
-                   condensed_params=p_small, condensed_multiply_adds=macs)
+                   condensed_test_loss=condensed['loss'])
     log(f'test accuracy of the condensed model: {condensed["accuracy"]:.4f} '
-        f'({f_small / 1e6:.2f}M FLOPs, {p_small / 1e6:.3f}M params; it runs '
-        f'{macs / 1e6:.1f}M multiply-adds an image, the trained model '
-        f'{summary["masked_multiply_adds"] / 1e6:.1f}M)')
+        f'({summary["condensed_flops"] / 1e6:.2f}M FLOPs, '
+        f'{summary["condensed_params"] / 1e6:.3f}M params; it runs '
+        f'{summary["condensed_multiply_adds"] / 1e6:.1f}M multiply-adds an image, the trained '
+        f'model {summary["masked_multiply_adds"] / 1e6:.1f}M)')
     if lead:
       checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars,
                                 preprocessing=run.dataset.preprocessing())
@@ -473,17 +470,30 @@ def _epochs(n: int) -> str:
   return f'{n} epoch' + ('s' if n != 1 else '')
 
 
-def _header(run: Run) -> str:
-  model, config = run.model, run.config
+def _costs(run: Run) -> dict[str, int]:
+  """Per image: FLOPs and params in the official convention and the multiply-adds really run,
+  of the trained model and, for a CondenseNet, of the condensed form the run exports."""
+  model = run.model
   size = models.default_image_size(model)
-  f_train, p_train = flops.count(model, size)
-  text = (f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on '
-          f'{config.dataset}: {f_train / 1e6:.2f}M FLOPs, {p_train / 1e6:.3f}M params')
+  f, p = flops.count(model, size)
+  costs = {'flops': f, 'params': p, 'masked_multiply_adds': flops.multiply_adds(model, size)}
   if isinstance(model, models.CondenseNet):
-    small = models.CondensedNet.from_model(model)
+    small = models.CondensedNet.from_model(model, run.config.classifier_keep)
+    f, p = flops.count(small, size)
+    costs.update(condensed_flops=f, condensed_params=p,
+                 condensed_multiply_adds=flops.multiply_adds(small, size))
+  return costs
+
+
+def _header(run: Run, costs: dict[str, int]) -> str:
+  model, config = run.model, run.config
+  text = (f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on '
+          f'{config.dataset}: {costs["flops"] / 1e6:.2f}M FLOPs, '
+          f'{costs["params"] / 1e6:.3f}M params')
+  if 'condensed_multiply_adds' in costs:
     text += (f' (official convention; multiply-adds really run: '
-             f'{flops.multiply_adds(model, size) / 1e6:.1f}M masked, '
-             f'{flops.multiply_adds(small, size) / 1e6:.1f}M condensed)')
+             f'{costs["masked_multiply_adds"] / 1e6:.1f}M masked, '
+             f'{costs["condensed_multiply_adds"] / 1e6:.1f}M condensed)')
   return (f'{text}; {run.total_steps} steps ({_epochs(config.num_epochs)} of '
           f'{run.steps_per_epoch}), global batch {config.batch_size} on {run.mesh.size} '
           f'{jax.devices()[0].platform} device(s)')
@@ -514,7 +524,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'{os.path.join(workdir, "summary.json")}. Nothing to do: use another --workdir '
         'to train again.')
     return finished
-  log(_header(run))
+  costs = _costs(run)
+  log(_header(run, costs))
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   writer = reporting.MetricsWriter(workdir, enabled=lead)
@@ -527,13 +538,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics = reporting.MetricsCollector(writer, config.batch_size)
       state = _train_loop(run, state, ckpt, metrics, log, stop)
       ckpt.wait()
-    image_size = models.default_image_size(model)
-    f_train, p_train = flops.count(model, image_size)
     summary = {'model': type(model).__name__, 'dataset': config.dataset,
                'total_steps': run.total_steps, 'steps_this_run': run.total_steps - start_step,
                'resumed_from_step': start_step or None, 'train_img_per_s': metrics.img_per_s(),
-               'train_step_compilations': len(run.traces), 'flops': f_train,
-               'params': p_train, 'masked_multiply_adds': flops.multiply_adds(model, image_size)}
+               'train_step_compilations': len(run.traces), **costs}
     summary = _finish(run, state, summary, log)
     summary['wall_seconds'] = time.time() - start_time
     if lead:
