@@ -1,4 +1,5 @@
-"""The README stays short, its commands stay the ones CI runs, and its Python blocks run verbatim.
+"""The README stays short, its commands stay the ones CI runs, and the Python blocks of the
+README and of docs/ run verbatim.
 
 Each ```python block runs in a fresh interpreter, in a temporary working directory, with the
 repository on PYTHONPATH. A block that reads the quick start's condensed model
@@ -25,13 +26,15 @@ TEST_COMMAND = 'python -m pytest -q tests'
 CONDENSED_DIR = 'runs/digits/condensed'
 
 
-def _blocks(language):
-  """The bodies of the README's ```<language> fenced blocks, in order."""
-  text = README.read_text(encoding='utf-8')
+def _blocks(language, path=README):
+  """The bodies of the ```<language> fenced blocks of the Markdown file `path`, in order."""
+  text = path.read_text(encoding='utf-8')
   return re.findall(rf'^```{language}\n(.*?)^```', text, flags=re.MULTILINE | re.DOTALL)
 
 
-PYTHON_BLOCKS = _blocks('python')
+PYTHON_BLOCKS = [(path.relative_to(REPO).as_posix(), i, code)
+                 for path in [README] + sorted((REPO / 'docs').glob('*.md'))
+                 for i, code in enumerate(_blocks('python', path))]
 
 
 def test_readme_is_short():
@@ -49,7 +52,7 @@ def test_first_commands_are_the_quick_start_and_the_test_suite():
 
 
 def test_readme_has_python_blocks():
-  assert len(PYTHON_BLOCKS) >= 2
+  assert sum(name == 'README.md' for name, _, _ in PYTHON_BLOCKS) >= 2
 
 
 def _save_digits_condensed(directory):
@@ -63,10 +66,9 @@ def _save_digits_condensed(directory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('index', range(len(PYTHON_BLOCKS)),
-                         ids=[f'block{i}' for i in range(len(PYTHON_BLOCKS))])
-def test_python_block_runs_verbatim(index, tmp_path):
-  code = PYTHON_BLOCKS[index]
+@pytest.mark.parametrize('name,index,code', PYTHON_BLOCKS,
+                         ids=[f'{name}:block{i}' for name, i, _ in PYTHON_BLOCKS])
+def test_python_block_runs_verbatim(name, index, code, tmp_path):
   if CONDENSED_DIR in code:
     _save_digits_condensed(tmp_path / CONDENSED_DIR)
   script = tmp_path / f'readme_block{index}.py'
@@ -76,4 +78,4 @@ def test_python_block_runs_verbatim(index, tmp_path):
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, (
-      f'README python block {index} failed:\n{code}\n--- stderr ---\n{result.stderr[-4000:]}')
+      f'{name} python block {index} failed:\n{code}\n--- stderr ---\n{result.stderr[-4000:]}')
