@@ -408,8 +408,8 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
     step += 1
     if step - 1 in event_steps:
       metrics.flush(step)
-      log(('\n' if bar.tty else '') + reporting.event_line(state.masks, model, step - 1,
-                                                  event_steps.index(step - 1) + 1))
+      event = event_steps.index(step - 1) + 1
+      log(('\n' if bar.tty else '') + reporting.event_line(state.masks, model, step - 1, event))
     end_of_epoch = step % run.steps_per_epoch == 0 or step == run.total_steps
     if step % config.log_every_steps == 0 or end_of_epoch:
       metrics.flush(step)
