@@ -233,10 +233,12 @@ class BatchNormReLU(nn.Module):
     return jax.nn.relu((x.astype(jnp.float32) - mean) * multiplier + bias).astype(self.dtype)
 
 
-def batch_norm_relu(module: nn.Module, train: bool, name: str = 'norm') -> BatchNormReLU:
-  """The BN + ReLU in front of `module`'s convolution, with its dtype and BN axis."""
-  return BatchNormReLU(use_running_average=not train, dtype=module.dtype,
-                       axis_name=module.bn_axis_name, name=name)
+def batch_norm_relu(train: bool, dtype: Any, axis_name: Optional[str],
+                    name: str = 'norm') -> BatchNormReLU:
+  """The BN + ReLU in front of a convolution: running statistics in eval mode, batch
+  statistics (averaged over `axis_name`, if set) in training."""
+  return BatchNormReLU(use_running_average=not train, dtype=dtype, axis_name=axis_name,
+                       name=name)
 
 
 class Conv(nn.Module):
@@ -257,7 +259,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
     in_channels = x.shape[-1]
-    x = batch_norm_relu(self, train)(x, stats)
+    x = batch_norm_relu(train, self.dtype, self.bn_axis_name)(x, stats)
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
@@ -286,7 +288,7 @@ class LearnedGroupConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
     in_channels = x.shape[-1]
-    x = batch_norm_relu(self, train)(x, stats)
+    x = batch_norm_relu(train, self.dtype, self.bn_axis_name)(x, stats)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
@@ -319,7 +321,7 @@ class CondensedConv(nn.Module):
   def __call__(self, x, train: bool = False):
     kept = x.shape[-1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
-    norm = batch_norm_relu(self, train)
+    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
     if execution.skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):

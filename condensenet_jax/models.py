@@ -144,22 +144,22 @@ class DenseBlock(nn.Module):
     return features
 
 
-def _stem(module, x):
-  stride, _ = stem_geometry(module.stem)
-  return nn.Conv(2 * module.growth[0], (3, 3), strides=(stride, stride),
-                 padding=((1, 1), (1, 1)), use_bias=False, kernel_init=layers.conv_init,
-                 dtype=module.dtype, name='init_conv')(x.astype(module.dtype))
+def _stem_conv(features: int, stem: str, dtype: Any) -> nn.Conv:
+  """The first convolution: 3x3, `features` outputs, the stem's stride, no bias."""
+  stride, _ = stem_geometry(stem)
+  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                 use_bias=False, kernel_init=layers.conv_init, dtype=dtype, name='init_conv')
 
 
-def _head_features(module, x, train):
-  """norm_last -> ReLU -> average pooling over the whole final map -> [n, channels]."""
-  _, pool = stem_geometry(module.stem)
-  x = layers.batch_norm_relu(module, train, name='norm_last')(x)
+def _global_pool(x, stem: str, num_blocks: int):
+  """Average pooling over the whole final map: `[n, pool, pool, c]` -> `[n, c]` (float32);
+  ValueError naming the image size the architecture needs for a map of another size."""
+  _, pool = stem_geometry(stem)
   if x.shape[1:3] != (pool, pool):
     raise ValueError(
         f'the feature map before the final {pool}x{pool} pooling is {x.shape[1]}x{x.shape[2]}; '
-        f"stem={module.stem!r} with {len(module.stages) - 1} transitions needs input images of "
-        f'{default_image_size(module)} pixels a side.')
+        f"stem={stem!r} with {num_blocks - 1} transitions needs input images of "
+        f'{image_size_for(stem, num_blocks)} pixels a side.')
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
@@ -243,12 +243,13 @@ class CondenseNet(nn.Module):
     """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
     self.check()
     spec = self.layer_spec()
-    x = _stem(self, x)
+    x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
       x = DenseBlock(n, k, spec, name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):  # transition: 2x2 average pooling only
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = _head_features(self, x, train)
+    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
+    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
     return self.classifier(x).astype(jnp.float32)
 
 
@@ -350,13 +351,14 @@ class DenseNet(nn.Module):
       raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
                        'equal length.')
     spec = self.layer_spec()
-    x = _stem(self, x)
+    x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, _, _, out in self.block_channels():
       x = DenseBlock(self.stages[b - 1], self.growth[b - 1], spec, name=f'denseblock_{b}')(
           x, train)
       if out is not None:
         x = Transition(out, spec, name=f'transition_{b}')(x, train)
-    x = _head_features(self, x, train)
+    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
+    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
                     name='classifier')(x).astype(jnp.float32)
 
@@ -405,10 +407,16 @@ def describe(model) -> str:
   return f'{type(model).__name__}({fields})'
 
 
+def image_size_for(stem: str, num_blocks: int) -> int:
+  """The input size a network with `stem` and `num_blocks` dense blocks takes: the final map
+  is the stem's pooling window after the stem's stride and a 2x2 pooling per transition."""
+  stride, pool = stem_geometry(stem)
+  return pool * stride * 2 ** (num_blocks - 1)
+
+
 def default_image_size(model) -> int:
   """The input size the architecture expects (32 for CIFAR stems, 224 for ImageNet)."""
-  stride, pool = stem_geometry(model.stem)
-  return pool * stride * 2 ** (len(model.stages) - 1)
+  return image_size_for(model.stem, len(model.stages))
 
 
 def variable_shapes(model, image_size: Optional[int] = None):

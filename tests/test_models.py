@@ -324,3 +324,12 @@ def test_architecture_is_the_one_definition_of_the_network(tmp_path):
   loaded, _ = checkpoint.load_condensed(str(tmp_path))
   assert models.architecture(loaded) == models.architecture(small)
   assert models.architecture(models.DenseNetBC100())['reduction'] == 0.5
+
+
+def test_images_of_another_size_are_refused_with_the_size_needed():
+  with pytest.raises(ValueError, match='the feature map before the final 8x8 pooling is 7x7; '
+                                       "stem='cifar' with 2 transitions needs input images of "
+                                       '32 pixels a side'):
+    models.variable_shapes(models.CondenseNetTiny(), image_size=28)
+  assert models.image_size_for('imagenet', 5) == 224 == models.default_image_size(
+      models.CondenseNet74_C4())
