@@ -207,8 +207,7 @@ class Run:
   workdir: str
   mesh: Mesh
   model: Any
-  dataset: data.DataSource
-  num_train: int
+  dataset: data.DataSource  # also gives the normalization (mean, std)
   steps_per_epoch: int
   total_steps: int
   schedule: Any
@@ -216,8 +215,6 @@ class Run:
   train_step: Any
   eval_step: Callable
   traces: list
-  mean: tuple
-  std: tuple
 
 
 # Config fields that must be positive integers, and what each one counts.
@@ -271,7 +268,7 @@ def setup(config, workdir: str, devices=None,
   mesh = Mesh(np.asarray(devices), (AXIS,))
   if dataset is None:
     dataset = data.load(config.dataset, config.data_dir)
-  num_train, mean, std = dataset.num_train, dataset.mean, dataset.std
+  mean, std = dataset.mean, dataset.std
   model = build_model(config, dataset.num_classes)
   if isinstance(model, models.CondenseNet):
     model.check()
@@ -283,7 +280,7 @@ def setup(config, workdir: str, devices=None,
         f'{dataset.name} images are {image_size}x{image_size}; use '
         f"stem='{'cifar' if image_size == 32 else 'imagenet'}' or a matching number of "
         'stages.')
-  per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+  per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
   total = config.num_epochs * per_epoch
   if isinstance(model, models.CondenseNet) and total < 2 * (model.condense_factor - 1):
     c = model.condense_factor
@@ -300,7 +297,8 @@ def setup(config, workdir: str, devices=None,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
-  options = execution.compiler_options(config, devices[0].platform)
+  backend = devices[0].platform
+  options = execution.compiler_options(config, backend)
   compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                         out_specs=(P(), P()), check_vma=False),
                           donate_argnums=0, compiler_options=options)
@@ -308,12 +306,12 @@ def setup(config, workdir: str, devices=None,
   @functools.lru_cache(maxsize=None)
   def compiled_eval(eval_model):
     fn = functools.partial(eval_step, model=eval_model, mean=mean, std=std,
-                           dtype=compute_dtype(config), chunk=execution.eval_chunk(config, devices[0].platform))
+                           dtype=compute_dtype(config), chunk=execution.eval_chunk(config, backend))
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
                                  check_vma=False), compiler_options=options)
 
-  return Run(config, workdir, mesh, model, dataset, num_train, per_epoch, total, schedule, tx,
-             compiled_step, compiled_eval, traces, mean, std)
+  return Run(config, workdir, mesh, model, dataset, per_epoch, total, schedule, tx,
+             compiled_step, compiled_eval, traces)
 
 
 def initial_state(run: Run) -> TrainState:
