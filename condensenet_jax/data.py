@@ -146,7 +146,7 @@ def digits(test_fraction: float = 0.2) -> InMemoryDataset:
   mean = tuple(float(m) for m in scaled.mean(axis=(0, 1, 2)))
   std = tuple(float(s) for s in scaled.std(axis=(0, 1, 2)))
   return InMemoryDataset('digits', images[train], labels[train], images[test], labels[test], 10,
-                         mean, std, tuple(str(d) for d in range(10)))
+                         mean, std)  # class names '0' .. '9': the default
 
 
 def synthetic(name: str, num_train: int, num_test: int = 0, seed: int = 0) -> InMemoryDataset:
@@ -403,6 +403,12 @@ def _deterministic_options(tf):
   return options
 
 
+def eval_resize(image_size: int) -> int:
+  """The shorter side evaluation images are resized to before the center crop of
+  `image_size` (256 for 224, the standard ImageNet ratio)."""
+  return int(round(image_size * 256 / 224))
+
+
 def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[str] = None,
                   name: str = 'imagenet2012'
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -413,7 +419,7 @@ def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[s
   builder = _imagenet_builder(data_dir, name)
   per_process = global_batch // jax.process_count()
   split = tfds.split_for_jax_process('validation', drop_remainder=False)
-  resize = int(round(image_size * 256 / 224))
+  resize = eval_resize(image_size)
 
   def center(example):
     image = example['image']
@@ -483,4 +489,4 @@ class StreamingDataset:
   def preprocessing(self) -> dict[str, Any]:
     return preprocessing(self.name, self.image_size, self.mean, self.std, self.num_classes,
                          self._builder.info.features['label'].names,
-                         resize_shorter=int(round(self.image_size * 256 / 224)))
+                         resize_shorter=eval_resize(self.image_size))
