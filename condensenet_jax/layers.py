@@ -181,10 +181,11 @@ class BatchNormReLU(nn.Module):
   The variables are Flax `nn.BatchNorm`'s (`params`: `scale`, `bias`; `batch_stats`: `mean`,
   `var`). As in PyTorch, the batch is normalized with its biased variance and the running
   variance is updated with the unbiased one (Flax's BN keeps the biased one there).
-  Statistics and normalization run in float32, the output in `dtype`. In training the pair has one hand-written backward pass
-  (custom VJP): it compiles to fewer kernels than autodiff of the two, and it keeps only the
-  input and the output (which the convolution after it keeps anyway). With `axis_name` the
-  batch statistics are averaged over that mapped axis (synchronized BN).
+  Statistics and normalization run in float32, the output in `dtype`. In training the pair
+  has one hand-written backward pass (custom VJP): it compiles to fewer kernels than autodiff
+  of the two, and it keeps only the input and the output (which the convolution after it
+  keeps anyway). With `axis_name` the batch statistics are averaged over that mapped axis
+  (synchronized BN).
 
   Call: `x` `[..., c]` -> `[..., c]` in `dtype`. In training (`use_running_average=False`)
   the running `mean` and `var` are updated unless the module is initializing.
