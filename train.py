@@ -50,6 +50,10 @@ def _unknown_field(argv: list[str], error: AttributeError) -> str:
   flag = next((a.split('=', 1)[0] for a in argv
                if a.startswith('--config.') and re.search(rf'\.{name}(=|$)', a)),
               f'--config.{name}')
+  from condensenet_jax.train import RENAMED_FIELDS  # pylint: disable=g-import-not-at-top
+  renamed = RENAMED_FIELDS.get(flag[len('--config.'):])
+  if renamed:
+    return f'{flag} is now --config.{renamed}.'
   message = f'{flag}: the config has no field {name!r}'
   if suggestion:
     return f'{message}; did you mean {flag[:flag.rindex(".") + 1]}{suggestion.group(1)}?'

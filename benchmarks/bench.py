@@ -57,18 +57,18 @@ def parse_args(argv=None, parser=None, **defaults):
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                       help="compute dtype (default: the config's)")
   parser.add_argument('--conv-lowering', default=None,
-                      help="config.model.conv_lowering (default: the config's, 'auto')")
-  parser.add_argument('--dense-blocks', default=None,
-                      help="config.model.dense_blocks: 'concatenate' or 'preallocate' "
+                      help="config.execution.conv_lowering (default: the config's, 'auto')")
+  parser.add_argument('--dense-block-form', default=None,
+                      help="config.execution.dense_block_form: 'concatenate' or 'preallocate' "
                            "(default: the config's, 'auto')")
-  parser.add_argument('--gathers', default=None,
-                      help="config.model.gathers: 'keep' or 'skip' the condensed model's "
-                           "channel gathers (default: the config's, 'auto')")
+  parser.add_argument('--condensed-gathers', default=None,
+                      help="config.execution.condensed_gathers: 'keep' or 'skip' the condensed "
+                           "model's channel gathers (default: the config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
   parser.add_argument('--cpu-convolutions', choices=('xla', 'ynnpack'), default=None,
-                      help="config.cpu_convolutions: which kernels run convolutions on a CPU "
-                           "(default: the config's, 'xla')")
+                      help="config.execution.cpu_convolutions: which kernels run convolutions "
+                           "on a CPU (default: the config's, 'xla')")
   parser.add_argument('--compile-phases', action='store_true',
                       help="trace the compilation with jax.profiler and report XLA's phases "
                            '(HLO passes, kernel emission, code generation) and its kernel count')
@@ -119,28 +119,21 @@ def model_flops(model, mode: str, batch_size: int) -> Optional[float]:
   return 2.0 * count * batch_size * (3 if mode == 'train' else 1)
 
 
-def lowering_used(lowering: str, mode: str) -> str:
-  """What `conv_lowering` runs as on this backend ('auto' resolved, as `layers` resolves it;
-  on CPU the condensed model's 1x1 convolutions are picked per layer by map size)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
-  if lowering == 'auto' and mode == 'infer_condensed' and jax.default_backend() == 'cpu':
-    return ('block_diagonal; condensed 1x1 convolutions per_group on maps of at most '
-            f'{execution.CPU_PER_GROUP_MAX_PIXELS} pixels')
-  return execution.resolve_lowering(lowering)
-
-
-def gathers_used(gathers: str, mode: str) -> Optional[str]:
-  """What the condensed model's `gathers` runs as on this backend (None outside
-  infer_condensed)."""
-  from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
-  if mode != 'infer_condensed':
-    return None
-  large, small = (execution.skips_gathers(gathers, pixels, train=False)
-                  for pixels in (1 + execution.CPU_GATHER_FREE_MIN_PIXELS, 1))
-  if large != small:
-    return f'skip on maps of more than {execution.CPU_GATHER_FREE_MIN_PIXELS} pixels, else keep'
-  return 'skip' if large else 'keep'
+def execution_used(model, mode: str) -> dict:
+  """What `model.execution` resolves to for `mode` on the run's backend: the lowering of the
+  grouped convolutions, the dense-block form, and (infer_condensed) the form of the condensed
+  1x1 convolutions on each block's map size."""
+  from condensenet_jax import models  # pylint: disable=g-import-not-at-top
+  policy, train = model.execution, mode == 'train'
+  used = {'conv_lowering_used': policy.lowering(),
+          'dense_block_form_used': policy.dense_blocks(train), 'condensed_conv_used': None}
+  if mode == 'infer_condensed':
+    stride, _ = models.stem_geometry(model.stem)
+    side = models.default_image_size(model) // stride
+    sides = [side // 2 ** b for b in range(len(model.stages))]
+    used['condensed_conv_used'] = ', '.join(
+        f'{s}x{s}: {policy.condensed_conv(s * s, train=False)}' for s in sides)
+  return used
 
 
 def _cost(program) -> dict:
@@ -239,18 +232,13 @@ def prepare(args) -> Prepared:
   config.batch_size = config.eval_batch_size = args.batch_size
   if args.dtype:
     config.dtype = args.dtype
-  if args.conv_lowering:
-    config.model.conv_lowering = args.conv_lowering
-  if args.dense_blocks:
-    config.model.dense_blocks = args.dense_blocks
-  if args.gathers:
-    config.model.gathers = args.gathers
+  for field in ('conv_lowering', 'dense_block_form', 'condensed_gathers', 'cpu_convolutions'):
+    if getattr(args, field):
+      config.execution[field] = getattr(args, field)
   if args.mode == 'train' and not config.group_lasso:
     config.group_lasso = args.group_lasso
   if args.deterministic is not None:
     config.deterministic = args.deterministic == 'true'
-  if args.cpu_convolutions:
-    config.cpu_convolutions = args.cpu_convolutions
   # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
   per_epoch = 4
   config.num_epochs = max(config.num_epochs, 8 * (args.steps + args.warmup + 2) // per_epoch)
@@ -297,7 +285,7 @@ def run(args) -> dict:
   """Compiles, warms up and times `args.steps` steps; the figures as a dict."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from condensenet_jax import execution, startup  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import startup  # pylint: disable=g-import-not-at-top
   prepared = prepare(args)
   config, model, eval_model = prepared.config, prepared.model, prepared.eval_model
   cost = _cost(prepared.program)
@@ -313,15 +301,9 @@ def run(args) -> dict:
       'train_step_compilations': len(prepared.run.traces) if args.mode == 'train' else None,
       'model_flops': model_flops(model, args.mode, args.batch_size),
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
-      'dtype': config.dtype, 'conv_lowering': config.model.conv_lowering,
-      'conv_lowering_used': lowering_used(config.model.conv_lowering, args.mode),
-      'dense_blocks': model.dense_blocks,
-      'dense_blocks_used': execution.resolve_dense_blocks(model.dense_blocks,
-                                                       train=args.mode == 'train'),
-      'gathers': getattr(model, 'gathers', None),
-      'gathers_used': gathers_used(getattr(model, 'gathers', 'keep'), args.mode),
-      'cpu_convolutions': config.cpu_convolutions,
-      'compiler_options': execution.compiler_options(config),
+      'dtype': config.dtype, **dict(config.execution),
+      **execution_used(eval_model, args.mode),
+      'compiler_options': model.execution.compiler_options(),
       'deterministic': bool(config.deterministic),
       'xla_deterministic_flag': startup.DETERMINISTIC_FLAG in os.environ.get('XLA_FLAGS', ''),
       'model': type(eval_model).__name__, 'stages': list(model.stages),

@@ -7,7 +7,7 @@ median time of the training-form forward pass (train mode: batch statistics), of
 backward (gradient of the summed logits w.r.t. the params), and of condensed-model inference;
 the last line is a JSON object with all figures. The lowering 'auto' picks on this backend is
 marked. Programs are compiled with the training run's options (`execution.compiler_options`;
-`--cpu-convolutions` as `config.cpu_convolutions`).
+`--cpu-convolutions` as `config.execution.cpu_convolutions`).
 """
 
 import argparse
@@ -15,7 +15,6 @@ import json
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from condensenet_jax import condense, execution, models
@@ -48,21 +47,20 @@ def main():
   parser.add_argument('--lowerings', default=','.join(execution.LOWERINGS))
   parser.add_argument('--cpu-convolutions', choices=execution.CPU_CONVOLUTIONS, default='xla')
   args = parser.parse_args()
-  options = execution.compiler_options(
-      ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
+  options = execution.Execution(cpu_convolutions=args.cpu_convolutions).compiler_options()
   jit = lambda fn: jax.jit(fn, compiler_options=options)
   base = getattr(models, args.model)()
   size = models.default_image_size(base)
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, size, size, 3))
   variables = models.init_variables(base, seed=0)
   small, small_vars = _condensed(base)
-  auto = execution.resolve_lowering('auto')
+  auto = execution.Execution().lowering()
   results = []
   print(f'{args.model}, batch {args.batch_size}, {jax.devices()[0].device_kind} '
         f'({jax.default_backend()}); median of {args.repeats}, milliseconds')
   for lowering in args.lowerings.split(','):
-    model = base.clone(conv_lowering=lowering)
-    small_model = small.clone(conv_lowering=lowering)
+    policy = execution.Execution(conv_lowering=lowering)
+    model, small_model = base.clone(execution=policy), small.clone(execution=policy)
     forward = jit(lambda v, x, m=model: m.apply(v, x, train=True,
                                                 mutable=['batch_stats'])[0])
     grad = jit(jax.grad(lambda p, v, x, m=model: m.apply(

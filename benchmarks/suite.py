@@ -20,8 +20,8 @@ apply and memory is returned):
   profile     `benchmarks.op_profile` of the float32 training step at batch 64: the time per
               category of XLA operation (convolution, dot, transpose, elementwise, ...);
   lowerings   (only when asked for) the float32 training step and condensed inference under
-              each explicit `conv_lowering` and each explicit `dense_blocks` form, and
-              condensed inference with each explicit `gathers` form, to check what 'auto'
+              each explicit `conv_lowering` and each explicit `dense_block_form`, and
+              condensed inference with each explicit `condensed_gathers`, to check what 'auto'
               picks on this backend.
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
@@ -99,12 +99,12 @@ def plan(args) -> dict:
   official = [o + steps for o in official]
   profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
               '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
-  from condensenet_jax.execution import DENSE_BLOCK_FORMS, GATHER_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.execution import CONDENSED_GATHERS, DENSE_BLOCK_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
   checked = (train(small, 'float32'), infer('infer_condensed', 'float32'))
   lowerings = ([job + ['--conv-lowering', lowering] for lowering in LOWERINGS for job in checked]
-               + [job + ['--dense-blocks', form] for form in DENSE_BLOCK_FORMS
+               + [job + ['--dense-block-form', form] for form in DENSE_BLOCK_FORMS
                   for job in checked]
-               + [checked[1] + ['--gathers', form] for form in GATHER_FORMS])
+               + [checked[1] + ['--condensed-gathers', form] for form in CONDENSED_GATHERS])
   return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile,
           'lowerings': lowerings}
 
@@ -191,13 +191,16 @@ def read_results(path: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# The execution choices a row may set explicitly (bench.py's result fields).
+EXECUTION_CHOICES = ('conv_lowering', 'dense_block_form', 'condensed_gathers')
+
+
 def _precision(r: dict) -> str:
   if r['impl'] == 'official-pytorch':
     return ('bf16 autocast' if r.get('bf16') else 'float32') + (
         ' + channels_last' if r.get('channels_last') else '')
-  explicit = [f'gathers {r[k]}' if k == 'gathers' else r[k]
-              for k in ('conv_lowering', 'dense_blocks', 'gathers')
-              if r.get(k) not in (None, 'auto')]
+  explicit = [f'gathers {r[k]}' if k == 'condensed_gathers' else r[k]
+              for k in EXECUTION_CHOICES if r.get(k) not in (None, 'auto')]
   return r.get('dtype', '') + ('' if r.get('deterministic', True) else ', deterministic off') + (
       ''.join(f', {e}' for e in explicit))
 
@@ -253,8 +256,7 @@ def ratios(results: list) -> list:
   def pick(impl, mode, batch=None, **want):
     rows = [r for r in results if r.get('impl') == impl and r.get('mode') == mode
             and 'error' not in r and (batch is None or r['batch_size'] == batch)
-            and all(r.get(k) in (None, 'auto') for k in ('conv_lowering', 'dense_blocks',
-                                                          'gathers'))
+            and all(r.get(k) in (None, 'auto') for k in EXECUTION_CHOICES)
             and all(r.get(k) == v for k, v in want.items())]
     return max(rows, key=lambda r: r['img_per_s']) if rows else None
 

@@ -2,7 +2,7 @@
 
 Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointManager`: items
 `state` and `meta`); the condensed model in `workdir/condensed/` as `model.json` (the
-`CondensedNet` fields and the evaluation preprocessing: dataset, image size, mean, std, class
+`CondensedCondenseNet` architecture and the evaluation preprocessing: dataset, image size, mean, std, class
 names) and `variables.npz` (plain numpy, readable without JAX or orbax).
 """
 
@@ -76,7 +76,7 @@ class Checkpoints:
     self.manager.close()
 
 
-def save_condensed(directory: str, model: models.CondensedNet, variables: Any,
+def save_condensed(directory: str, model: models.CondensedCondenseNet, variables: Any,
                    preprocessing: Optional[dict[str, Any]] = None) -> None:
   """Writes a condensed model: `model.json` + `variables.npz`.
 
@@ -89,12 +89,12 @@ def save_condensed(directory: str, model: models.CondensedNet, variables: Any,
   np.savez(os.path.join(directory, 'variables.npz'),
            **{k: np.asarray(v) for k, v in flat.items()})
   with open(os.path.join(directory, 'model.json'), 'w') as f:
-    json.dump({'class': 'CondensedNet', 'fields': fields, 'preprocessing': preprocessing}, f,
+    json.dump({'class': type(model).__name__, 'fields': fields, 'preprocessing': preprocessing}, f,
               indent=1)
 
 
-def _read_condensed(directory: str, overrides) -> tuple[models.CondensedNet, dict[str, Any],
-                                                       dict[str, Any]]:
+def _read_condensed(directory: str, overrides) -> tuple[models.CondensedCondenseNet,
+                                                       dict[str, Any], dict[str, Any]]:
   paths = [os.path.join(directory, f) for f in ('model.json', 'variables.npz')]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
@@ -102,24 +102,26 @@ def _read_condensed(directory: str, overrides) -> tuple[models.CondensedNet, dic
                             'written at the end of training as <workdir>/condensed.')
   with open(paths[0]) as f:
     spec = json.load(f)
-  model = models.CondensedNet(**{**spec['fields'], **overrides})
+  model = models.from_architecture(models.CondensedCondenseNet, spec['fields'], **overrides)
   with np.load(paths[1]) as arrays:
     variables = traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep='/')
   condense.check_gathered_norms(model, variables)
   return model, variables, spec
 
 
-def load_condensed(directory: str, **overrides) -> tuple[models.CondensedNet, dict[str, Any]]:
+def load_condensed(directory: str,
+                   **overrides) -> tuple[models.CondensedCondenseNet, dict[str, Any]]:
   """Reads a condensed model written at the end of training (`workdir/condensed`).
 
   Returns `(model, variables)`; `model.apply(variables, x)` gives logits for normalized float
   images `x` [n, h, w, 3] (`load_classifier` takes raw uint8 images instead). Keyword
-  `overrides` set model fields such as `dtype`, `conv_lowering`, `dense_blocks` or `gathers`.
+  `overrides` set the fields that do not define the network: `dtype`, `execution`.
 
   Raises:
     FileNotFoundError: `directory` lacks `model.json` or `variables.npz`.
     ValueError: copies of a gathered channel have different BN terms while the model may skip
-      its gathers (`condense.check_gathered_norms`; load with `gathers='keep'`).
+      its gathers (`condense.check_gathered_norms`; load with
+      `execution=Execution(condensed_gathers='keep')`).
   """
   model, variables, _ = _read_condensed(directory, overrides)
   return model, variables
@@ -135,7 +137,7 @@ class Classifier:
   images of another dtype or shape.
   """
 
-  def __init__(self, model: models.CondensedNet, variables: dict[str, Any],
+  def __init__(self, model: models.CondensedCondenseNet, variables: dict[str, Any],
                preprocessing: dict[str, Any]):
     self.model, self.variables, self.preprocessing = model, variables, preprocessing
     mean, std = preprocessing['mean'], preprocessing['std']

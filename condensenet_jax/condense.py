@@ -79,8 +79,9 @@ def group_lasso(params, masks, model=None):
   """Unscaled group-lasso sum over all LGCs: sum over layers, groups g and inputs j of
   sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)).
 
-  The train step multiplies it by lambda while `is_condensing(stage)`. `model` is accepted for
-  a uniform signature; the layers are found through the masks. Returns a float32 scalar `[]`.
+  The train step multiplies it by lambda while `is_condensing(stage)`. The layers are found
+  through the masks; `model` is not needed and is accepted so that calls written
+  `group_lasso(params, masks, model)` keep working. Returns a float32 scalar `[]`.
   Raises ValueError if a mask has no kernel at the same path in `params`.
   """
   del model
@@ -226,14 +227,14 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
     variables: `{'params', 'batch_stats', 'masks'}` after all C-1 condensing events.
     classifier_keep: fraction of classifier inputs to keep (official: 0.5).
   Returns:
-    `(CondensedNet, {'params', 'batch_stats', 'indices'})`, the variables as numpy arrays on
+    `(CondensedCondenseNet, {'params', 'batch_stats', 'indices'})`, the variables as numpy arrays on
     the host (computed there; place them where they run).
   Raises:
     ValueError: naming the layer and its event count, if a layer is not fully condensed.
   """
   if not 0 < classifier_keep <= 1:
     raise ValueError(f'classifier_keep={classifier_keep} must be in (0, 1].')
-  small = models.CondensedNet.from_model(model, classifier_keep)
+  small = models.CondensedCondenseNet.from_model(model, classifier_keep)
   to_np = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(tree)))
   params, stats, masks = (to_np(variables[c]) for c in ('params', 'batch_stats', 'masks'))
   last = model.condense_factor - 1
@@ -263,15 +264,15 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
   return small, small_vars
 
 
-def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any]) -> None:
+def check_gathered_norms(model: models.CondensedCondenseNet, variables: Mapping[str, Any]) -> None:
   """Raises ValueError where a condensed layer reads one input channel in several groups with
   different BN parameters or statistics, if `model` may run without its gathers.
 
   Conversion copies every kept channel's BN from the one BN of the training form, so all
-  copies of a channel are equal; the gather-free form (`execution.skips_gathers`) relies on that.
+  copies of a channel are equal; the gather-free form (`Execution.condensed_conv`) relies on it.
   Copies can only differ if the condensed form itself was trained.
   """
-  if model.gathers == 'keep':
+  if model.execution.condensed_gathers == 'keep':
     return
   params, stats, indices = (traverse_util.flatten_dict(dict(variables[c]))
                             for c in ('params', 'batch_stats', 'indices'))
@@ -290,5 +291,5 @@ def check_gathered_norms(model: models.CondensedNet, variables: Mapping[str, Any
         raise ValueError(
             f"{'/'.join(path)} reads input channel {channels[1:][differ][0]} in two groups with "
             f"different BN {leaf} values, which conversion never makes (was the condensed model "
-            "trained?). Its function is still defined: load it with gathers='keep', which "
-            "gathers every copy.")
+            "trained?). Its function is still defined: load it with "
+            "execution=Execution(condensed_gathers='keep'), which gathers every copy.")

@@ -1,14 +1,16 @@
 """The execution policy: how the network and the run's programs execute on each backend.
 
-Every choice that changes speed but not the function computed lives here, with its rule and
-its thresholds: the lowering of grouped convolutions (`resolve_lowering`), whether condensed
-1x1 convolutions gather their inputs (`skips_gathers`), how dense blocks collect features
-(`resolve_dense_blocks`), the examples per inference pass (`eval_chunk`) and the XLA options of
-the compiled programs (`compiler_options`). Each rule takes the backend of the devices that run
-the program; `default_backend` (JAX's) is the fallback, and the only place that asks JAX. The
-evidence for every rule is in docs/backends.md.
+Every choice that changes speed but not the function computed lives here, as one frozen
+`Execution` resolved for the backend of the devices that run the program: the lowering of
+grouped convolutions, the form of the condensed 1x1 convolutions (with or without their channel
+gathers, group by group or as one matrix product), how dense blocks collect features, the
+examples per inference pass and the XLA options of the compiled programs. Models and layers
+receive its resolved choices and never ask JAX for the backend; `default_backend` (JAX's) is
+the fallback of an `Execution` built without one, and the only place that asks. The evidence
+for every rule and threshold is in docs/backends.md.
 """
 
+import dataclasses
 import functools
 import warnings
 from typing import Optional
@@ -18,115 +20,31 @@ import numpy as np
 
 
 def default_backend() -> str:
-  """JAX's default backend ('cpu', 'gpu', 'tpu'), for callers that name none."""
+  """JAX's default backend ('cpu', 'gpu', 'tpu'), for an `Execution` that names none."""
   return jax.default_backend()
 
 
 LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
+CONDENSED_GATHERS = ('keep', 'skip')
+DENSE_BLOCK_FORMS = ('concatenate', 'preallocate')
+CPU_CONVOLUTIONS = ('xla', 'ynnpack')
 
-
-# On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of at most this
-# many pixels run group by group (`CondensedConv._per_group`: per-group gathers and matmuls);
-# on larger maps they skip their gathers (`CPU_GATHER_FREE_MIN_PIXELS`) or run one
-# block-diagonal matmul.
-# Chosen by measurement: docs/backends.md#cpu-per-group-max-pixels.
-CPU_PER_GROUP_MAX_PIXELS = 256
-
-
-def resolve_lowering(lowering: str, pixels: Optional[int] = None, condensed: bool = False,
-                     backend: Optional[str] = None) -> str:
-  """Returns the grouped-convolution lowering to use on `backend` (default: JAX's).
-
-  'grouped' is XLA's `feature_group_count` convolution (what TPUs run natively);
-  'block_diagonal' runs one dense convolution with a kernel whose off-diagonal blocks are zero;
-  'per_group' runs the groups as a batch of per-group matmuls (1x1) or separate convolutions.
-  All three compute the same function. 'auto' picks:
-    - TPU: 'grouped';
-    - GPU: 'block_diagonal';
-    - CPU: 'block_diagonal', except 'per_group' for the condensed model's 1x1 convolutions
-      (`condensed`) over maps of at most `CPU_PER_GROUP_MAX_PIXELS` pixels (`pixels`, when
-      given: the layer passes it in eval mode only).
-  Chosen by measurement: docs/backends.md#conv-lowering.
-
-  Args:
-    lowering: 'auto' or one of `LOWERINGS`.
-    pixels: map height x width of the convolution's input, or None (training).
-    condensed: whether the convolution is a condensed model's 1x1 group convolution.
-    backend: 'cpu', 'gpu', 'tpu', ...; default `default_backend()`.
-  Returns:
-    One of `LOWERINGS`; an explicit `lowering` is returned as it is.
-  Raises:
-    ValueError: `lowering` is neither 'auto' nor one of `LOWERINGS`.
-  """
-  if lowering == 'auto':
-    backend = backend or default_backend()
-    if backend == 'tpu':
-      return 'grouped'
-    if backend != 'cpu':
-      return 'block_diagonal'
-    small = pixels is not None and pixels <= CPU_PER_GROUP_MAX_PIXELS
-    return 'per_group' if small and condensed else 'block_diagonal'
-  if lowering not in LOWERINGS:
-    raise ValueError(f'conv_lowering={lowering!r} is not one of '
-                     f"{('auto',) + LOWERINGS}.")
-  return lowering
-
-
-GATHER_FORMS = ('keep', 'skip')
-
-
-# With gathers='auto', on CPU, in eval mode, condensed 1x1 convolutions over maps of more than
-# this many pixels run without their channel gather (`CondensedConv`); smaller maps keep it.
+# On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of more than
+# this many pixels skip their channel gathers (under condensed_gathers='auto').
 # Chosen by measurement: docs/backends.md#cpu-gather-free-min-pixels.
 CPU_GATHER_FREE_MIN_PIXELS = 64
 
+# On CPU, in eval mode, the condensed model's 1x1 group convolutions that keep their gathers
+# run group by group on maps of at most this many pixels, else as one block-diagonal matrix
+# product. Under condensed_gathers='auto' only maps of at most CPU_GATHER_FREE_MIN_PIXELS keep
+# their gathers, so this bound matters only with condensed_gathers='keep'.
+# Chosen by measurement: docs/backends.md#cpu-per-group-max-pixels.
+CPU_PER_GROUP_MAX_PIXELS = 256
 
-def skips_gathers(gathers: str, pixels: int, train: bool, backend: Optional[str] = None) -> bool:
-  """Whether a condensed 1x1 convolution over maps of `pixels` pixels skips its channel gather.
-
-  `gathers`: 'keep'; 'skip' (eval mode only: training always gathers, since the copies of a
-  channel that several groups read get gradients of their own); or 'auto', which skips in
-  eval mode on CPU (`backend`, default: JAX's) on maps of more than
-  `CPU_GATHER_FREE_MIN_PIXELS` pixels and keeps the gathers elsewhere. Both forms compute the
-  same function when the copies of a channel share their BN terms
-  (`condense.check_gathered_norms`). Chosen by measurement: docs/backends.md#gathers.
-
-  Raises:
-    ValueError: `gathers` is not 'auto', 'keep' or 'skip'.
-  """
-  if gathers not in ('auto',) + GATHER_FORMS:
-    raise ValueError(f'gathers={gathers!r} is not one of {("auto",) + GATHER_FORMS}.')
-  if train:
-    return False
-  if gathers == 'auto':
-    return (backend or default_backend()) == 'cpu' and pixels > CPU_GATHER_FREE_MIN_PIXELS
-  return gathers == 'skip'
-
-
-DENSE_BLOCK_FORMS = ('concatenate', 'preallocate')
-
-
-def resolve_dense_blocks(dense_blocks: str, train: bool, backend: Optional[str] = None) -> str:
-  """How a dense block collects its layers' features: 'concatenate' (each layer's new features
-  are concatenated onto a copy of everything before them) or 'preallocate' (one buffer of the
-  block's final width, into which each layer writes its features in place). The two compute
-  the same function. 'auto' picks 'preallocate' in eval mode on CPU (`backend`, default:
-  JAX's), 'concatenate' otherwise. Chosen by measurement: docs/backends.md#dense-blocks.
-
-  Raises:
-    ValueError: `dense_blocks` is not 'auto' or one of `DENSE_BLOCK_FORMS`.
-  """
-  if dense_blocks == 'auto':
-    cpu = (backend or default_backend()) == 'cpu'
-    return 'preallocate' if cpu and not train else 'concatenate'
-  if dense_blocks not in DENSE_BLOCK_FORMS:
-    raise ValueError(f'dense_blocks={dense_blocks!r} is not one of '
-                     f"{('auto',) + DENSE_BLOCK_FORMS}.")
-  return dense_blocks
-
-
-CPU_CONVOLUTIONS = ('xla', 'ynnpack')
-
+# Inference on CPU runs in chunks of this many examples (the activations of a chunk stay in
+# cache); other backends take the whole per-device batch at once.
+# Chosen by measurement: docs/backends.md#eval-chunk.
+CPU_EVAL_CHUNK = 32
 
 # XLA's CPU backend (JAX 0.10) hands matrix products, convolutions and reductions to YNNPACK
 # (`xla_cpu_experimental_ynn_fusion_type`). These options keep the products and reductions
@@ -140,30 +58,132 @@ CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                          'xla_backend_optimization_level': 1}
 
 
-def compiler_options(config, backend: Optional[str] = None) -> Optional[dict]:
-  """XLA options of the run's compiled programs on `backend` (default: JAX's).
+def _check_choice(field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f'{field}={value!r} is not one of {tuple(allowed)}.')
 
-  `config.cpu_convolutions` says which kernels run convolutions on a CPU: 'xla' (default; XLA's
-  own, and LLVM at optimization level 1: `CPU_COMPILER_OPTIONS`) or 'ynnpack' (what this JAX
-  does by itself, at its default level). Other backends get no options. A JAX that does not
-  know the options gets none either, with a warning.
-  Chosen by measurement: docs/backends.md#cpu-convolutions.
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How a network and a run's programs execute: every speed-only choice, one hashable value.
+
+  The fields are the user's choices; 'auto' (and -1 for `eval_chunk`) leave the choice to the
+  rules below, applied for `backend` ('cpu', 'gpu', 'tpu'; None: JAX's default backend when a
+  rule is applied). Every choice computes the same function.
+
+  - `conv_lowering`: how grouped convolutions run ('auto' or one of `LOWERINGS`; `lowering`,
+    `condensed_conv`).
+  - `dense_block_form`: how dense blocks collect their features ('auto' or one of
+    `DENSE_BLOCK_FORMS`; `dense_blocks`).
+  - `condensed_gathers`: whether the condensed model's 1x1 convolutions gather their kept
+    input channels in eval mode ('auto' or one of `CONDENSED_GATHERS`; `condensed_conv`).
+  - `cpu_convolutions`: which kernels run convolutions on a CPU (one of `CPU_CONVOLUTIONS`;
+    `compiler_options`).
+  - `eval_chunk`: examples per inference pass on each device (0: all; -1: by backend;
+    `inference_chunk`).
 
   Raises:
-    ValueError: `config.cpu_convolutions` is not one of `CPU_CONVOLUTIONS`.
+    ValueError: a field outside its choices, naming the field and the choices.
   """
-  choice = cpu_convolutions(config)
-  if (backend or default_backend()) != 'cpu' or choice == 'ynnpack':
-    return None
-  return dict(CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
+  backend: Optional[str] = None
+  conv_lowering: str = 'auto'
+  dense_block_form: str = 'auto'
+  condensed_gathers: str = 'auto'
+  cpu_convolutions: str = 'xla'
+  eval_chunk: int = -1
 
+  def __post_init__(self):
+    _check_choice('conv_lowering', self.conv_lowering, ('auto',) + LOWERINGS)
+    _check_choice('dense_block_form', self.dense_block_form, ('auto',) + DENSE_BLOCK_FORMS)
+    _check_choice('condensed_gathers', self.condensed_gathers, ('auto',) + CONDENSED_GATHERS)
+    _check_choice('cpu_convolutions', self.cpu_convolutions, CPU_CONVOLUTIONS)
+    if not isinstance(self.eval_chunk, int) or self.eval_chunk < -1:
+      raise ValueError(f'eval_chunk={self.eval_chunk!r} must be an integer >= -1 (0: the whole '
+                       'per-device batch, -1: by backend).')
 
-def cpu_convolutions(config) -> str:
-  """`config.cpu_convolutions`, checked: one of `CPU_CONVOLUTIONS`, else ValueError."""
-  choice = config.cpu_convolutions
-  if choice not in CPU_CONVOLUTIONS:
-    raise ValueError(f'config.cpu_convolutions={choice!r} is not one of {CPU_CONVOLUTIONS}.')
-  return choice
+  @classmethod
+  def from_config(cls, config, backend: Optional[str] = None) -> 'Execution':
+    """The `Execution` of `config.execution` (a ConfigDict with this class's fields but
+    `backend`) for `backend`. Raises ValueError as the constructor, naming `config.execution`."""
+    fields = {f.name: config.execution[f.name] for f in dataclasses.fields(cls)
+              if f.name != 'backend'}
+    try:
+      return cls(backend=backend, **fields)
+    except ValueError as e:
+      raise ValueError(f'config.execution.{e}') from None
+
+  def for_backend(self, backend: str) -> 'Execution':
+    """The same choices, resolved for `backend`."""
+    return dataclasses.replace(self, backend=backend)
+
+  @property
+  def platform(self) -> str:
+    """The backend the rules are applied for."""
+    return self.backend or default_backend()
+
+  def lowering(self) -> str:
+    """The lowering of the grouped convolutions outside the condensed 1x1 ones (one of
+    `LOWERINGS`): an explicit `conv_lowering` as it is; 'auto' gives 'grouped' (XLA's
+    `feature_group_count`) on TPU and 'block_diagonal' elsewhere.
+    Chosen by measurement: docs/backends.md#conv-lowering."""
+    if self.conv_lowering != 'auto':
+      return self.conv_lowering
+    return 'grouped' if self.platform == 'tpu' else 'block_diagonal'
+
+  def condensed_conv(self, pixels: int, train: bool) -> str:
+    """How a condensed 1x1 group convolution over maps of `pixels` pixels runs:
+    'gather_free' (no channel gather; eval mode only) or one of `LOWERINGS` after its gather.
+
+    Training always gathers (the copies of a channel that several groups read get gradients
+    of their own) and takes `lowering()`. In eval mode, on CPU with 'auto' choices:
+
+    | map pixels | condensed_gathers='auto' | 'keep' |
+    |---|---|---|
+    | at most `CPU_GATHER_FREE_MIN_PIXELS` | 'per_group' | 'per_group' |
+    | up to `CPU_PER_GROUP_MAX_PIXELS` | 'gather_free' | 'per_group' |
+    | more | 'gather_free' | 'block_diagonal' |
+
+    'skip' is 'gather_free' at every size; other backends keep their gathers under 'auto' and
+    take `lowering()`. An explicit `conv_lowering` is used wherever the gathers are kept.
+    Chosen by measurement: docs/backends.md#gathers, docs/backends.md#conv-lowering.
+    """
+    if train:
+      return self.lowering()
+    cpu = self.platform == 'cpu'
+    if self.condensed_gathers == 'skip' or (
+        self.condensed_gathers == 'auto' and cpu and pixels > CPU_GATHER_FREE_MIN_PIXELS):
+      return 'gather_free'
+    if self.conv_lowering == 'auto' and cpu:
+      return 'per_group' if pixels <= CPU_PER_GROUP_MAX_PIXELS else 'block_diagonal'
+    return self.lowering()
+
+  def dense_blocks(self, train: bool) -> str:
+    """How dense blocks collect their features (one of `DENSE_BLOCK_FORMS`): 'concatenate'
+    (each layer's new features concatenated onto a copy of everything before them) or
+    'preallocate' (one buffer of the block's final width, written in place). An explicit
+    `dense_block_form` as it is; 'auto' preallocates in eval mode on CPU and concatenates
+    otherwise. Chosen by measurement: docs/backends.md#dense-blocks."""
+    if self.dense_block_form != 'auto':
+      return self.dense_block_form
+    return 'preallocate' if self.platform == 'cpu' and not train else 'concatenate'
+
+  def inference_chunk(self) -> int:
+    """Examples per inference pass on each device (0: the whole per-device batch):
+    `eval_chunk` when it is 0 or more; for -1 `CPU_EVAL_CHUNK` on CPU and 0 elsewhere.
+    Chosen by measurement: docs/backends.md#eval-chunk."""
+    if self.eval_chunk >= 0:
+      return self.eval_chunk
+    return CPU_EVAL_CHUNK if self.platform == 'cpu' else 0
+
+  def compiler_options(self) -> Optional[dict]:
+    """XLA options of the run's compiled programs: on CPU with cpu_convolutions='xla', XLA's
+    own convolution kernels and LLVM at optimization level 1 (`CPU_COMPILER_OPTIONS`); None
+    for 'ynnpack' (what this JAX does by itself) and on other backends. A JAX that does not
+    know the options gets none either, with a warning.
+    Chosen by measurement: docs/backends.md#cpu-convolutions."""
+    if self.platform != 'cpu' or self.cpu_convolutions == 'ynnpack':
+      return None
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_compiler_options_supported() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,24 +194,6 @@ def _cpu_compiler_options_supported() -> bool:
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(f'This JAX does not take the XLA option {CPU_COMPILER_OPTIONS} ({e}); '
                   "convolutions run on XLA's default CPU kernels, as with "
-                  "config.cpu_convolutions='ynnpack'.", stacklevel=3)
+                  "cpu_convolutions='ynnpack'.", stacklevel=3)
     return False
   return True
-
-
-# Inference on CPU runs in chunks of this many examples (the activations of a chunk stay in
-# cache); other backends take the whole per-device batch at once.
-# Chosen by measurement: docs/backends.md#eval-chunk.
-CPU_EVAL_CHUNK = 32
-
-
-def eval_chunk(config, backend: Optional[str] = None) -> int:
-  """Examples per inference pass on each device (0: the whole per-device batch).
-
-  `config.eval_chunk` when it is 0 or more; for -1 (default) `CPU_EVAL_CHUNK` on CPU
-  (`backend`, default: JAX's) and 0 elsewhere.
-  """
-  chunk = config.eval_chunk
-  if chunk < 0:
-    return CPU_EVAL_CHUNK if (backend or default_backend()) == 'cpu' else 0
-  return chunk

@@ -70,7 +70,7 @@ class _Counter:
 def _condensenet(model, image_size):
   model.check()
   stride, pool = models.stem_geometry(model.stem)
-  condensed = isinstance(model, models.CondensedNet)
+  condensed = isinstance(model, models.CondensedCondenseNet)
   n = _Counter()
   size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
   previous_block = 1
@@ -114,7 +114,7 @@ def _counted(model, image_size: int, what: str) -> _Counter:
     return _condensenet(model, image_size)
   if isinstance(model, models.DenseNet):
     return _densenet(model, image_size)
-  raise TypeError(f'flops.{what} supports CondenseNet, CondensedNet and DenseNet, '
+  raise TypeError(f'flops.{what} supports CondenseNet, CondensedCondenseNet and DenseNet, '
                   f'not {type(model).__name__}.')
 
 
@@ -122,7 +122,7 @@ def count(model, image_size: int) -> tuple[int, int]:
   """(FLOPs, params) of `model` on one `image_size` x `image_size` image, official convention.
 
   Works for `models.CondenseNet` (training form, LGC counted as dense / C),
-  `models.CondensedNet` (the exported form) and `models.DenseNet`.
+  `models.CondensedCondenseNet` (the exported form) and `models.DenseNet`.
 
   Raises:
     TypeError: `model` is none of these.

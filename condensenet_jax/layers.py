@@ -27,12 +27,6 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
-def _pixels(x, train: bool) -> Optional[int]:
-  """The map size the 'auto' rule sees: none in training, which stays block-diagonal (per-group
-  convolutions make the training step compile much longer: docs/backends.md#conv-lowering)."""
-  return None if train else x.shape[1] * x.shape[2]
-
-
 def block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
   """Grouped kernel `(kh, kw, in/G, out)` -> dense `(kh, kw, in, out)`, zero off the diagonal."""
   kh, kw, in_per_group, out = kernel.shape
@@ -51,7 +45,7 @@ def _conv(x, kernel, strides, padding, groups=1):
 def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
                  strides: Sequence[int] = (1, 1),
                  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
-                 lowering: str = 'auto') -> jax.Array:
+                 lowering: str = 'grouped') -> jax.Array:
   """Convolution with `groups` contiguous groups, lowered as `lowering` says.
 
   Args:
@@ -59,16 +53,19 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
     kernel: `[kh, kw, in / groups, out]`.
     groups: number of groups (1 = ordinary convolution).
     strides, padding: as `lax.conv_general_dilated` (explicit padding, PyTorch's convention).
-    lowering: see `resolve_lowering`.
+    lowering: one of `execution.LOWERINGS`: 'grouped' (XLA's `feature_group_count`),
+      'block_diagonal' (one dense convolution whose kernel is zero off the diagonal blocks) or
+      'per_group' (per-group matmuls for 1x1, else separate convolutions).
   Returns:
     `[batch, h', w', out]`, the same function for every lowering.
   Raises:
-    ValueError: an unknown `lowering` (`resolve_lowering`).
+    ValueError: an unknown `lowering`.
   """
   kh, kw, in_per_group, out = kernel.shape
   pointwise = (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and all(
       p == (0, 0) for p in padding)
-  lowering = execution.resolve_lowering(lowering)
+  if lowering not in execution.LOWERINGS:
+    raise ValueError(f'lowering={lowering!r} is not one of {execution.LOWERINGS}.')
   if groups == 1:
     if pointwise:
       return jnp.dot(x, kernel[0, 0])
@@ -247,6 +244,7 @@ class Conv(nn.Module):
 
   Call: `x` `[n, h, w, in]` -> `[n, h', w', features]`; `in` and `features` must be divisible
   by `groups`. `stats`: optional batch statistics of `x` for the BN (see `BatchNormReLU`).
+  `lowering`: see `grouped_conv`.
   """
   features: int
   kernel_size: int
@@ -254,7 +252,7 @@ class Conv(nn.Module):
   strides: int = 1
   padding: int = 0
   dtype: Any = jnp.float32
-  conv_lowering: str = 'auto'
+  lowering: str = 'grouped'
   bn_axis_name: Optional[str] = None
 
   @nn.compact
@@ -267,7 +265,7 @@ class Conv(nn.Module):
     p = self.padding
     return grouped_conv(x, kernel.astype(self.dtype), self.groups,
                         strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-                        lowering=self.conv_lowering)
+                        lowering=self.lowering)
 
 
 class LearnedGroupConv(nn.Module):
@@ -303,39 +301,41 @@ class CondensedConv(nn.Module):
 
   `index` (`'indices'` collection) lists the kept input channels, group after group; the
   kernel is a grouped kernel `(1, 1, kept / groups, out)` whose output channels come out
-  group-major and are shuffled back into the LGC's interleaved order. In eval mode the gather
-  can be skipped (`gathers`, see `skips_gathers`).
+  group-major and are shuffled back into the LGC's interleaved order. `form` says how it runs
+  (`execution.Execution.condensed_conv`): 'gather_free' (eval mode only) or, after the
+  gather, one of `execution.LOWERINGS`; every form computes the same function.
 
   Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`, where `kept = in * groups /
-  condense_factor`. Raises ValueError for an unknown `gathers`, and for an unknown
-  `conv_lowering` where the gather is kept.
+  condense_factor`; `stats` is accepted for the signature of `LearnedGroupConv` and unused
+  (the gathered channels get their own statistics). Raises ValueError for an unknown `form`
+  and for 'gather_free' in training.
   """
   features: int
   groups: int
   condense_factor: int
   dtype: Any = jnp.float32
-  conv_lowering: str = 'auto'
+  form: str = 'grouped'
   bn_axis_name: Optional[str] = None
-  gathers: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, stats=None):
+    del stats  # gathered channels: the BN computes its own batch statistics
     kept = x.shape[-1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
     norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
-    if execution.skips_gathers(self.gathers, x.shape[1] * x.shape[2], train):
+    if self.form == 'gather_free':
+      if train:
+        raise ValueError("form='gather_free' runs in eval mode only: in training every copy of "
+                         'a gathered channel gets a gradient of its own.')
       return self._gather_free(x, index.value, norm, kernel)
-    # On CPU, in eval mode, per group on small maps, else block-diagonal
-    # (docs/backends.md#cpu-per-group-max-pixels).
-    lowering = execution.resolve_lowering(self.conv_lowering, _pixels(x, train), condensed=True)
-    if lowering == 'per_group' and not train:
+    if self.form == 'per_group' and not train:
       return self._per_group(x, index.value, norm, kernel)
     x = norm(take_channels(x, index.value))  # [n, h, w, kept]
-    if lowering == 'block_diagonal':
+    if self.form == 'block_diagonal':
       return jnp.dot(x, self._shuffled_dense(kernel))
-    y = grouped_conv(x, kernel, self.groups, lowering=lowering)
+    y = grouped_conv(x, kernel, self.groups, lowering=self.form)
     return channel_shuffle(y, self.groups)
 
   def _shuffled_dense(self, kernel):

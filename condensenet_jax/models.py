@@ -19,6 +19,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from condensenet_jax import execution, layers
+from condensenet_jax.execution import Execution
 
 # stem -> (stride of the first convolution, window of the final average pooling)
 STEMS = {'cifar': (1, 8), 'imagenet': (2, 7)}
@@ -56,83 +57,70 @@ def _check_divisible(value, divisor, what, field, fix):
     raise ValueError(f'{what} = {value} is not divisible by {field} = {divisor}; {fix}')
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  """What every dense layer of one network shares (one hashable Flax field)."""
-  kind: str  # 'learned' (LGC), 'condensed' (gather + group conv) or 'plain' (DenseNet)
-  bottleneck: int
-  group_1x1: int
-  group_3x3: int
-  condense_factor: int = 1
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  conv_lowering: str = 'auto'
-  bn_axis_name: Optional[str] = None
-  dense_blocks: str = 'auto'
-  gathers: str = 'auto'
-
-  def conv(self, features: int, kernel_size: int, groups: int, name: str, padding: int = 0):
-    """A BN-ReLU-conv block (`layers.Conv`) with this spec's dtype, lowering and BN axis."""
-    return layers.Conv(features, kernel_size, groups, padding=padding, dtype=self.dtype,
-                       conv_lowering=self.conv_lowering, bn_axis_name=self.bn_axis_name,
-                       name=name)
+ModuleDef = Any  # a module class or a functools.partial of one
 
 
 class DenseLayer(nn.Module):
-  """conv_1 (1x1, bottleneck * growth) -> conv_2 (3x3 group conv, growth): the layer's new
-  features, which `DenseBlock` appends to its input."""
+  """conv_1 (1x1, `bottleneck * growth` outputs) -> conv_2 (3x3, `growth` outputs): the layer's
+  new features, which `DenseBlock` appends to its input.
+
+  `conv_1` and `conv_2` are module factories (`functools.partial` of a layer class), called as
+  `conv_1(features, name=...)(x, train, stats)` and `conv_2(features, name=...)(x, train)`.
+  """
   growth: int
-  spec: LayerSpec
+  bottleneck: int
+  conv_1: ModuleDef
+  conv_2: ModuleDef
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
-    s = self.spec
-    width = s.bottleneck * self.growth
-    if s.kind == 'learned':
-      y = layers.LearnedGroupConv(width, s.group_1x1, s.condense_factor, s.dropout_rate,
-                                  s.dtype, s.bn_axis_name, name='conv_1')(x, train, stats)
-    elif s.kind == 'condensed':
-      y = layers.CondensedConv(width, s.group_1x1, s.condense_factor, s.dtype,
-                               s.conv_lowering, s.bn_axis_name, s.gathers,
-                               name='conv_1')(x, train)
-    else:
-      y = s.conv(width, 1, s.group_1x1, name='conv_1')(x, train, stats)
-    return s.conv(self.growth, 3, s.group_3x3, name='conv_2', padding=1)(y, train)
+    y = self.conv_1(self.bottleneck * self.growth, name='conv_1')(x, train, stats)
+    return self.conv_2(self.growth, name='conv_2')(y, train)
 
 
 class DenseBlock(nn.Module):
-  """`num_layers` dense layers, each reading all the features before it.
+  """`num_layers` dense layers (`DenseLayer` with `conv_1`, `conv_2`), each reading all the
+  features before it.
 
   Call: `x` `[n, h, w, c]` -> `[n, h, w, c + num_layers * growth]`: `x` followed by each
-  layer's `growth` new channels, in layer order.
+  layer's `growth` new channels, in layer order. `form` (one of
+  `execution.DENSE_BLOCK_FORMS`, see `Execution.dense_blocks`) says how the features are
+  collected. With `share_stats` (training) every channel's batch statistics are computed once,
+  when the channel is made, and handed to the layers that read it.
   """
   num_layers: int
   growth: int
-  spec: LayerSpec
+  bottleneck: int
+  conv_1: ModuleDef
+  conv_2: ModuleDef
+  form: str = 'concatenate'
+  share_stats: bool = False
+  bn_axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    layer = lambda l: DenseLayer(self.growth, self.spec, name=f'denselayer_{l}')
+    layer = lambda l: DenseLayer(self.growth, self.bottleneck, self.conv_1, self.conv_2,
+                                 name=f'denselayer_{l}')
     # In training, every layer's first BN normalizes all the features before it with their
     # batch statistics; a channel's statistics are the same for every layer that reads it, so
     # they are computed once, when the channel is made, instead of over the whole block input
-    # at every layer (quadratic in the number of layers). The condensed form reads gathered
-    # channels and computes its own.
-    shared = train and self.spec.kind != 'condensed'
-    stats = layers.batch_stats(x, self.spec.bn_axis_name) if shared else None
+    # at every layer (quadratic in the number of layers).
+    stats = layers.batch_stats(x, self.bn_axis_name) if self.share_stats else None
 
     def grow(stats, y):
-      if not shared:
+      if not self.share_stats:
         return None
-      new = layers.batch_stats(y, self.spec.bn_axis_name)
+      new = layers.batch_stats(y, self.bn_axis_name)
       return tuple(jnp.concatenate([a, b]) for a, b in zip(stats, new))
 
-    if execution.resolve_dense_blocks(self.spec.dense_blocks, train) == 'concatenate':
+    if self.form == 'concatenate':
       for l in range(1, self.num_layers + 1):
         y = layer(l)(x, train, stats)
         x = jnp.concatenate([x, y], axis=-1)  # [n, h, w, in + growth]
         stats = grow(stats, y)
       return x
+    if self.form != 'preallocate':
+      raise ValueError(f'form={self.form!r} is not one of {execution.DENSE_BLOCK_FORMS}.')
     channels = x.shape[-1]
     features = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.num_layers * self.growth)])
     for l in range(1, self.num_layers + 1):
@@ -163,13 +151,6 @@ def _global_pool(x, stem: str, num_blocks: int):
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def _as_tuple(module, *names):
-  for name in names:
-    value = getattr(module, name)
-    if not isinstance(value, tuple):
-      object.__setattr__(module, name, tuple(value))
-
-
 class CondenseNet(nn.Module):
   """CondenseNet, training form: every dense layer's 1x1 convolution is a learned group conv.
 
@@ -177,6 +158,10 @@ class CondenseNet(nn.Module):
   needs all three and writes none of the masks. Images must be `default_image_size(model)`
   pixels a side. Raises ValueError (`check`, and for images of another size) naming the field
   and the fix.
+
+  The fields up to `dropout_rate` define the network (`architecture`); `dtype` (of the
+  activations), `bn_axis_name` (BN batch statistics averaged over that mapped axis) and
+  `execution` (how it runs: `execution.Execution`) do not change the function it computes.
   """
   stages: Sequence[int] = (14, 14, 14)
   growth: Sequence[int] = (8, 16, 32)
@@ -188,16 +173,12 @@ class CondenseNet(nn.Module):
   stem: str = 'cifar'
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
-  dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
-  gathers: str = 'auto'  # the condensed form's channel gathers: see `execution.skips_gathers`
+  execution: Execution = Execution()
 
-  layer_kind = 'learned'
-
-  def __post_init__(self):
-    _as_tuple(self, 'stages', 'growth')
-    super().__post_init__()
+  # Whether dense blocks hand each channel's batch statistics to the layers that read it (see
+  # `DenseBlock`); the condensed form reads gathered channels and computes its own.
+  shares_batch_stats = True
 
   def check(self):
     """Raises ValueError naming the field and the fix when the architecture cannot be built."""
@@ -205,8 +186,6 @@ class CondenseNet(nn.Module):
       raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
                        'equal length (one growth rate per dense block).')
     stem_geometry(self.stem)
-    execution.resolve_dense_blocks(self.dense_blocks, train=False)
-    execution.skips_gathers(self.gathers, 0, train=False)
     for b, l, in_channels, k in dense_layer_inputs(self.stages, self.growth):
       where = f'denseblock_{b}/denselayer_{l}'
       width = self.bottleneck * k
@@ -227,11 +206,14 @@ class CondenseNet(nn.Module):
     """Channels entering the classifier."""
     return final_channels(self.stages, self.growth)
 
-  def layer_spec(self) -> LayerSpec:
-    """The `LayerSpec` every dense layer of this network shares."""
-    return LayerSpec(self.layer_kind, self.bottleneck, self.group_1x1, self.group_3x3,
-                     self.condense_factor, self.dropout_rate, self.dtype, self.conv_lowering,
-                     self.bn_axis_name, self.dense_blocks, self.gathers)
+  def conv_1(self, pixels: int, train: bool) -> ModuleDef:
+    """Factory of the dense layers' 1x1 convolutions over maps of `pixels` pixels: the
+    learned group convolution."""
+    del pixels, train  # one form everywhere
+    return functools.partial(layers.LearnedGroupConv, groups=self.group_1x1,
+                             condense_factor=self.condense_factor,
+                             dropout_rate=self.dropout_rate, dtype=self.dtype,
+                             bn_axis_name=self.bn_axis_name)
 
   def classifier(self, x):
     """Pooled features `[n, num_features]` -> logits `[n, num_classes]` in `dtype`."""
@@ -242,10 +224,14 @@ class CondenseNet(nn.Module):
   def __call__(self, x, train: bool = False):
     """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
     self.check()
-    spec = self.layer_spec()
+    conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1)
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
-      x = DenseBlock(n, k, spec, name=f'denseblock_{b}')(x, train)
+      conv_1 = self.conv_1(x.shape[1] * x.shape[2], train)
+      x = DenseBlock(n, k, self.bottleneck, conv_1, conv_2,
+                     form=self.execution.dense_blocks(train),
+                     share_stats=train and self.shares_batch_stats,
+                     bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):  # transition: 2x2 average pooling only
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
@@ -253,20 +239,35 @@ class CondenseNet(nn.Module):
     return self.classifier(x).astype(jnp.float32)
 
 
-class CondensedNet(CondenseNet):
-  """CondenseNet, inference form (what `condense.export` returns): each LGC is an index gather,
-  BN, ReLU, a 1x1 convolution with `group_1x1` groups and a channel shuffle; the classifier
-  reads `int(num_features * classifier_keep)` gathered features. Variables:
+def _conv(model) -> ModuleDef:
+  """Factory of `model`'s BN-ReLU-convolutions (`layers.Conv`): its dtype, BN axis and the
+  lowering its execution resolves."""
+  return functools.partial(layers.Conv, dtype=model.dtype, bn_axis_name=model.bn_axis_name,
+                           lowering=model.execution.lowering())
+
+
+class CondensedCondenseNet(CondenseNet):
+  """CondenseNet, condensed inference form (what `condense.export` returns): each LGC is an
+  index gather, BN, ReLU, a 1x1 convolution with `group_1x1` groups and a channel shuffle; the
+  classifier reads `int(num_features * classifier_keep)` gathered features. Variables:
   `{'params', 'batch_stats', 'indices'}`; no masks.
   """
   classifier_keep: float = 0.5
 
-  layer_kind = 'condensed'
+  shares_batch_stats = False
 
   @property
   def classifier_inputs(self) -> int:
     """Features the condensed classifier keeps: `int(num_features * classifier_keep)`."""
     return int(self.num_features * self.classifier_keep)
+
+  def conv_1(self, pixels: int, train: bool) -> ModuleDef:
+    """Factory of the condensed 1x1 convolutions over maps of `pixels` pixels, in the form the
+    execution picks for them (`Execution.condensed_conv`)."""
+    return functools.partial(layers.CondensedConv, groups=self.group_1x1,
+                             condense_factor=self.condense_factor, dtype=self.dtype,
+                             form=self.execution.condensed_conv(pixels, train),
+                             bn_axis_name=self.bn_axis_name)
 
   def classifier(self, x):
     """Pooled features `[n, num_features]` -> logits `[n, num_classes]`, reading only the
@@ -275,22 +276,28 @@ class CondensedNet(CondenseNet):
                                   name='classifier')(x)
 
   @classmethod
-  def from_model(cls, model: CondenseNet, classifier_keep: float = 0.5) -> 'CondensedNet':
-    """The condensed form of a training-form `model`: its architecture and execution fields,
-    with `classifier_keep`."""
-    fields = {**architecture(model), **{f: getattr(model, f) for f in EXECUTION_FIELDS}}
-    fields.pop('classifier_keep', None)
-    return cls(**fields, classifier_keep=classifier_keep)
+  def from_model(cls, model: CondenseNet,
+                 classifier_keep: float = 0.5) -> 'CondensedCondenseNet':
+    """The condensed form of a training-form `model`: its architecture and how it runs
+    (`RUNTIME_FIELDS`), with `classifier_keep`."""
+    fields = {**architecture(model), 'classifier_keep': classifier_keep}
+    return from_architecture(cls, fields, **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+
+
+# The name before CondensedCondenseNet; model.json files written with it still load.
+CondensedNet = CondensedCondenseNet
 
 
 class Transition(nn.Module):
-  """DenseNet transition: BN -> ReLU -> 1x1 conv (compression) -> 2x2 average pooling."""
+  """DenseNet transition: BN -> ReLU -> 1x1 conv (compression) -> 2x2 average pooling.
+  `conv`: factory of `layers.Conv`, called as `conv(features, kernel_size, groups, name=...)`."""
   features: int
-  spec: LayerSpec
+  groups: int
+  conv: ModuleDef
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = self.spec.conv(self.features, 1, self.spec.group_1x1, name='conv')(x, train)
+    x = self.conv(self.features, 1, self.groups, name='conv')(x, train)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -306,7 +313,8 @@ class DenseNet(nn.Module):
 
   Call: `x` `[n, h, w, 3]` -> logits `[n, num_classes]` (float32). Raises ValueError when
   `stages` and `growth` are empty or of different lengths, or the images are of another size
-  than `default_image_size(model)`.
+  than `default_image_size(model)`. `dtype`, `bn_axis_name` and `execution` as in
+  `CondenseNet`.
   """
   stages: Sequence[int] = (16, 16, 16)
   growth: Sequence[int] = (12, 12, 12)
@@ -317,18 +325,8 @@ class DenseNet(nn.Module):
   num_classes: int = 10
   stem: str = 'cifar'
   dtype: Any = jnp.float32
-  conv_lowering: str = 'auto'
   bn_axis_name: Optional[str] = None
-  dense_blocks: str = 'auto'  # see `resolve_dense_blocks`
-
-  def __post_init__(self):
-    _as_tuple(self, 'stages', 'growth')
-    super().__post_init__()
-
-  def layer_spec(self) -> LayerSpec:
-    """The `LayerSpec` every dense layer and transition of this network shares."""
-    return LayerSpec('plain', self.bottleneck, self.group_1x1, self.group_3x3, 1, 0.0,
-                     self.dtype, self.conv_lowering, self.bn_axis_name, self.dense_blocks)
+  execution: Execution = Execution()
 
   def block_channels(self):
     """Yields `(block, in_channels, out_channels_after_transition_or_None)` per dense block."""
@@ -350,13 +348,16 @@ class DenseNet(nn.Module):
     if len(self.stages) != len(self.growth) or not self.stages:
       raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
                        'equal length.')
-    spec = self.layer_spec()
+    conv = _conv(self)
+    conv_1 = functools.partial(conv, kernel_size=1, groups=self.group_1x1)
+    conv_2 = functools.partial(conv, kernel_size=3, groups=self.group_3x3, padding=1)
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, _, _, out in self.block_channels():
-      x = DenseBlock(self.stages[b - 1], self.growth[b - 1], spec, name=f'denseblock_{b}')(
-          x, train)
+      x = DenseBlock(self.stages[b - 1], self.growth[b - 1], self.bottleneck, conv_1, conv_2,
+                     form=self.execution.dense_blocks(train), share_stats=train,
+                     bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if out is not None:
-        x = Transition(out, spec, name=f'transition_{b}')(x, train)
+        x = Transition(out, self.group_1x1, conv, name=f'transition_{b}')(x, train)
     x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
     x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
@@ -383,22 +384,29 @@ DenseNetBC100 = functools.partial(DenseNet, stages=(16, 16, 16), growth=(12, 12,
 CondenseNetTiny = functools.partial(_cifar, stages=(2, 2, 2), growth=(4, 8, 8))
 
 
-# Fields of the model classes that say how the network is executed, not which function it
-# computes: a run may change them and still resume, and they are not saved with a model.
-EXECUTION_FIELDS = ('dtype', 'conv_lowering', 'bn_axis_name', 'dense_blocks', 'gathers')
+# Fields of the model classes that say how the network runs, not which function it computes:
+# a run may change them and still resume, and they are not saved with a model.
+RUNTIME_FIELDS = ('dtype', 'bn_axis_name', 'execution')
 
 
 def architecture(model) -> dict[str, Any]:
   """The fields that define `model`'s network, JSON-ready (sequences as lists): every field of
-  its class but `EXECUTION_FIELDS`. The one definition that saved models
-  (`checkpoint.save_condensed`), the resume identity of a run, `CondensedNet.from_model` and
-  messages derive from."""
+  its class but `RUNTIME_FIELDS`. The one definition that saved models
+  (`checkpoint.save_condensed`), the resume identity of a run,
+  `CondensedCondenseNet.from_model` and messages derive from."""
   fields = {}
   for f in dataclasses.fields(model):
-    if f.init and f.name not in ('parent', 'name') + EXECUTION_FIELDS:
+    if f.init and f.name not in ('parent', 'name') + RUNTIME_FIELDS:
       value = getattr(model, f.name)
-      fields[f.name] = list(value) if isinstance(value, tuple) else value
+      fields[f.name] = list(value) if isinstance(value, (tuple, list)) else value
   return fields
+
+
+def from_architecture(cls, fields: dict[str, Any], **runtime):
+  """`cls` built from `architecture`'s fields (lists back to tuples, so that the module is
+  hashable) and the `RUNTIME_FIELDS` in `runtime`."""
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()},
+             **runtime)
 
 
 def describe(model) -> str:

@@ -180,30 +180,30 @@ def load_state_dict(model, state_dict: Mapping[str, Any]):
   (`CondenseNet`, or `DenseNet`, which has no masks).
 
   Raises:
-    TypeError: `model` is a `CondensedNet` (use `load_converted_state_dict`).
+    TypeError: `model` is a `CondensedCondenseNet` (use `load_converted_state_dict`).
     StateDictError: (a ValueError) listing every missing, unexpected or misshapen key, a mask
       that is not group-structured, or `_count` / `_stage` that disagree with a mask.
   """
-  if isinstance(model, models.CondensedNet):
+  if isinstance(model, models.CondensedCondenseNet):
     raise TypeError('load_state_dict takes the training form; use load_converted_state_dict '
-                    'for a CondensedNet.')
+                    'for a CondensedCondenseNet.')
   return _load(model, state_dict, condensed=False)
 
 
-def load_converted_state_dict(condensed_model: models.CondensedNet,
+def load_converted_state_dict(condensed_model: models.CondensedCondenseNet,
                               state_dict: Mapping[str, Any]):
   """Official converted state dict -> `{'params', 'batch_stats', 'indices'}`.
 
   Raises:
-    TypeError: `condensed_model` is not a `CondensedNet`.
+    TypeError: `condensed_model` is not a `CondensedCondenseNet`.
     StateDictError: (a ValueError) listing the keys that do not fit, or an index outside its
       layer's input channels.
     ValueError: copies of a gathered channel with different BN terms while the model may skip
       its gathers (`condense.check_gathered_norms`).
   """
-  if not isinstance(condensed_model, models.CondensedNet):
-    raise TypeError('load_converted_state_dict takes a CondensedNet (e.g. '
-                    'models.CondensedNet.from_model(model)); use load_state_dict for the '
+  if not isinstance(condensed_model, models.CondensedCondenseNet):
+    raise TypeError('load_converted_state_dict takes a CondensedCondenseNet (e.g. '
+                    'models.CondensedCondenseNet.from_model(model)); use load_state_dict for the '
                     'training form.')
   variables = _load(condensed_model, state_dict, condensed=True)
   condense.check_gathered_norms(condensed_model, variables)

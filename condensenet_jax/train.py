@@ -59,8 +59,9 @@ def compute_dtype(config):
   return jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
 
 
-def build_model(config, num_classes: int):
-  """The training-form model described by `config.model`.
+def build_model(config, num_classes: int, backend: Optional[str] = None):
+  """The training-form model described by `config.model`, executing as `config.execution`
+  says on `backend` (default: JAX's).
 
   Raises:
     ValueError: an unknown `config.model.name` or `config.dtype`.
@@ -68,12 +69,12 @@ def build_model(config, num_classes: int):
   m = config.model
   common = dict(stages=tuple(m.stages), growth=tuple(m.growth), bottleneck=m.bottleneck,
                 group_1x1=m.group_1x1, group_3x3=m.group_3x3, num_classes=num_classes,
-                stem=m.stem, dtype=compute_dtype(config), conv_lowering=m.conv_lowering,
-                dense_blocks=m.dense_blocks,
+                stem=m.stem, dtype=compute_dtype(config),
+                execution=execution.Execution.from_config(config, backend),
                 bn_axis_name=AXIS if config.sync_batch_stats else None)
   if m.name == 'CondenseNet':
     return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
-                              gathers=m.gathers, **common)
+                              **common)
   if m.name == 'DenseNet':
     return models.DenseNet(reduction=m.reduction, **common)
   raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet' or 'DenseNet'.")
@@ -223,6 +224,12 @@ _POSITIVE_INTS = {'batch_size': 'the global batch size',
                   'num_epochs': 'the number of epochs',
                   'log_every_steps': 'the number of steps between log lines',
                   'keep_checkpoints': 'the number of checkpoints kept'}
+# Config fields that were renamed: a config that still sets one is told the new name.
+RENAMED_FIELDS = {'model.conv_lowering': 'execution.conv_lowering',
+                  'model.dense_blocks': 'execution.dense_block_form',
+                  'model.gathers': 'execution.condensed_gathers',
+                  'cpu_convolutions': 'execution.cpu_convolutions',
+                  'eval_chunk': 'execution.eval_chunk'}
 _NON_NEGATIVE = ('learning_rate', 'weight_decay', 'group_lasso', 'warmup_epochs',
                  'checkpoint_every_steps', 'eval_every_epochs', 'crop_padding')
 
@@ -230,6 +237,10 @@ _NON_NEGATIVE = ('learning_rate', 'weight_decay', 'group_lasso', 'warmup_epochs'
 def validate(config, devices: int) -> None:
   """Checks done before anything is loaded or compiled; raises ValueError naming the field,
   the value and the fix."""
+  for old, new in RENAMED_FIELDS.items():
+    parent, _, leaf = old.rpartition('.')
+    if leaf in (config[parent] if parent else config):
+      raise ValueError(f'config.{old} is now config.{new}; rename it in the config file.')
   for field, what in _POSITIVE_INTS.items():
     value = config[field]
     if not isinstance(value, int) or value <= 0:
@@ -249,7 +260,7 @@ def validate(config, devices: int) -> None:
   if config.eval_batch_size % devices:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by '
                      f'the {devices} devices; use a multiple of {devices}.')
-  execution.cpu_convolutions(config)
+  execution.Execution.from_config(config)
 
 
 def setup(config, workdir: str, devices=None,
@@ -269,7 +280,8 @@ def setup(config, workdir: str, devices=None,
   if dataset is None:
     dataset = data.load(config.dataset, config.data_dir)
   mean, std = dataset.mean, dataset.std
-  model = build_model(config, dataset.num_classes)
+  backend = devices[0].platform
+  model = build_model(config, dataset.num_classes, backend)
   if isinstance(model, models.CondenseNet):
     model.check()
   image_size = dataset.image_size
@@ -297,8 +309,7 @@ def setup(config, workdir: str, devices=None,
       count_trace=lambda: traces.append(1))
   # check_vma=False: the pmap programming model. Gradients stay per device until the explicit
   # pmean (with varying-value tracking, JAX would psum them when transposing instead).
-  backend = devices[0].platform
-  options = execution.compiler_options(config, backend)
+  options = model.execution.compiler_options()
   compiled_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                         out_specs=(P(), P()), check_vma=False),
                           donate_argnums=0, compiler_options=options)
@@ -306,7 +317,7 @@ def setup(config, workdir: str, devices=None,
   @functools.lru_cache(maxsize=None)
   def compiled_eval(eval_model):
     fn = functools.partial(eval_step, model=eval_model, mean=mean, std=std,
-                           dtype=compute_dtype(config), chunk=execution.eval_chunk(config, backend))
+                           dtype=compute_dtype(config), chunk=model.execution.inference_chunk())
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
                                  check_vma=False), compiler_options=options)
 
@@ -476,7 +487,7 @@ def _costs(run: Run) -> dict[str, int]:
   f, p = flops.count(model, size)
   costs = {'flops': f, 'params': p, 'masked_multiply_adds': flops.multiply_adds(model, size)}
   if isinstance(model, models.CondenseNet):
-    small = models.CondensedNet.from_model(model, run.config.classifier_keep)
+    small = models.CondensedCondenseNet.from_model(model, run.config.classifier_keep)
     f, p = flops.count(small, size)
     costs.update(condensed_flops=f, condensed_params=p,
                  condensed_multiply_adds=flops.multiply_adds(small, size))

@@ -22,8 +22,6 @@ def get_config():
 
   config.batch_size = 64          # global, split across devices
   config.eval_batch_size = 512
-  config.eval_chunk = -1          # examples per inference pass per device; -1: 32 on CPU, all
-                                  # elsewhere; 0: all
   config.num_epochs = 300
   config.learning_rate = 0.1
   config.lr_base_batch_size = 0   # 0: no linear scaling; else lr *= batch_size / this
@@ -35,7 +33,6 @@ def get_config():
   config.dtype = 'float32'        # or 'bfloat16' (activations; params stay float32)
   config.sync_batch_stats = False  # True: BN batch statistics over all devices
   config.deterministic = True     # GPU: XLA's deterministic kernels (bit-identical reruns)
-  config.cpu_convolutions = 'xla'  # CPU: XLA's own convolution kernels, or 'ynnpack'
 
   config.crop_padding = 4
   config.flip = True
@@ -59,7 +56,13 @@ def get_config():
   config.model.condense_factor = 4
   config.model.dropout_rate = 0.0
   config.model.stem = 'cifar'
-  config.model.conv_lowering = 'auto'
-  config.model.dense_blocks = 'auto'  # 'concatenate' or 'preallocate'; 'auto': by backend
-  config.model.gathers = 'auto'  # condensed model: 'keep' or 'skip' its gathers; 'auto': by backend
+
+  # How the programs execute: speed only, never the function computed; 'auto' and -1 follow
+  # the rules of condensenet_jax.execution for the run's backend (evidence: docs/backends.md).
+  config.execution = ml_collections.ConfigDict()
+  config.execution.conv_lowering = 'auto'      # 'grouped', 'block_diagonal' or 'per_group'
+  config.execution.dense_block_form = 'auto'   # 'concatenate' or 'preallocate'
+  config.execution.condensed_gathers = 'auto'  # condensed model: 'keep' or 'skip' its gathers
+  config.execution.cpu_convolutions = 'xla'    # CPU: XLA's own convolution kernels, or 'ynnpack'
+  config.execution.eval_chunk = -1             # examples per inference pass per device; 0: all
   return config

@@ -46,7 +46,9 @@ def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   assert result['model_flops'] == 3 * 2 * flops.count(model, 32)[0] * 8
   assert result['conv_lowering'] == 'auto' and result['conv_lowering_used'] == (
       'grouped' if jax.default_backend() == 'tpu' else 'block_diagonal')
-  assert result['dense_blocks'] == 'auto' and result['dense_blocks_used'] == 'concatenate'
+  assert result['dense_block_form'] == 'auto'
+  assert result['dense_block_form_used'] == 'concatenate'
+  assert result['condensed_conv_used'] is None
 
 
 def test_model_flops_are_the_papers_count_times_three_for_training():
@@ -59,7 +61,7 @@ def test_model_flops_are_the_papers_count_times_three_for_training():
 
 
 @pytest.mark.parametrize('mode, model', [('infer_masked', 'CondenseNet'),
-                                         ('infer_condensed', 'CondensedNet')])
+                                         ('infer_condensed', 'CondensedCondenseNet')])
 def test_inference_modes(tiny_config, mode, model):
   result = bench.main(['--config', tiny_config, '--mode', mode, '--batch-size', '8',
                        '--steps', '1', '--dtype', 'bfloat16'])
@@ -68,25 +70,27 @@ def test_inference_modes(tiny_config, mode, model):
   assert result['compile_phases'] is None  # only with --compile-phases
   import jax  # pylint: disable=g-import-not-at-top
   from condensenet_jax import execution  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == 'cpu':  # condensed 1x1 convolutions per layer, by map size
-    assert result['conv_lowering_used'] == (
-        'block_diagonal; condensed 1x1 convolutions per_group on maps of at most 256 pixels'
-        if mode == 'infer_condensed' else 'block_diagonal')
-    assert result['gathers_used'] == ('skip on maps of more than 64 pixels, else keep'
-                                      if mode == 'infer_condensed' else None)
-  else:
-    assert result['conv_lowering_used'] == execution.resolve_lowering('auto')
-  assert result['dense_blocks_used'] == (
+  policy = execution.Execution()
+  assert result['conv_lowering_used'] == policy.lowering()
+  if jax.default_backend() == 'cpu':  # condensed 1x1 convolutions by map size
+    assert result['condensed_conv_used'] == (
+        '32x32: gather_free, 16x16: gather_free, 8x8: per_group'
+        if mode == 'infer_condensed' else None)
+  assert result['dense_block_form_used'] == (
       'preallocate' if jax.default_backend() == 'cpu' else 'concatenate')
 
 
-def test_gathers_flag(tiny_config):
+def test_condensed_gathers_flag(tiny_config):
+  import jax  # pylint: disable=g-import-not-at-top
   result = bench.main(['--config', tiny_config, '--mode', 'infer_condensed', '--batch-size',
-                       '4', '--steps', '1', '--gathers', 'keep'])
-  assert result['gathers'] == result['gathers_used'] == 'keep'
-  with pytest.raises(ValueError, match="gathers='never'"):
+                       '4', '--steps', '1', '--condensed-gathers', 'keep'])
+  assert result['condensed_gathers'] == 'keep'
+  if jax.default_backend() == 'cpu':
+    assert result['condensed_conv_used'] == (
+        '32x32: block_diagonal, 16x16: per_group, 8x8: per_group')
+  with pytest.raises(ValueError, match="condensed_gathers='never'"):
     bench.main(['--config', tiny_config, '--mode', 'infer_condensed', '--batch-size', '4',
-                '--steps', '1', '--gathers', 'never'])
+                '--steps', '1', '--condensed-gathers', 'never'])
 
 
 def test_cpu_convolutions_flag(tiny_config):
@@ -100,13 +104,13 @@ def test_cpu_convolutions_flag(tiny_config):
     assert result['cpu_convolutions'] == choice and result['compiler_options'] == options
 
 
-def test_dense_blocks_flag(tiny_config):
+def test_dense_block_form_flag(tiny_config):
   result = bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size', '4',
-                       '--steps', '1', '--dense-blocks', 'concatenate'])
-  assert result['dense_blocks'] == result['dense_blocks_used'] == 'concatenate'
-  with pytest.raises(ValueError, match="dense_blocks='fast'"):
+                       '--steps', '1', '--dense-block-form', 'concatenate'])
+  assert result['dense_block_form'] == result['dense_block_form_used'] == 'concatenate'
+  with pytest.raises(ValueError, match="dense_block_form='fast'"):
     bench.main(['--config', tiny_config, '--mode', 'infer_masked', '--batch-size', '4',
-                '--steps', '1', '--dense-blocks', 'fast'])
+                '--steps', '1', '--dense-block-form', 'fast'])
 
 
 @pytest.mark.slow
@@ -173,8 +177,8 @@ def test_suite_ratios_pair_the_measurements_the_targets_name():
       _row('ours', 'train', 64, 5000.0, dtype='float32', deterministic=True,
            conv_lowering='per_group'),
       _row('ours', 'infer_condensed', 1024, 90000.0, dtype='float32',
-           dense_blocks='preallocate'),
-      _row('ours', 'infer_condensed', 1024, 80000.0, dtype='float32', gathers='skip'),
+           dense_block_form='preallocate'),
+      _row('ours', 'infer_condensed', 1024, 80000.0, dtype='float32', condensed_gathers='skip'),
   ]
   text = suite.table(results)
   assert '| ours | train | 64 | float32, per_group | 5000.0 |' in text
@@ -198,11 +202,12 @@ def test_suite_lowerings_group_times_each_explicit_lowering():
   jobs = suite.plan(suite.parse_args(['--quick']))['lowerings']
   named = [job[job.index('--conv-lowering') + 1] for job in jobs if '--conv-lowering' in job]
   assert sorted(named) == sorted(2 * execution.LOWERINGS)
-  forms = [job[job.index('--dense-blocks') + 1] for job in jobs if '--dense-blocks' in job]
+  flag = '--dense-block-form'
+  forms = [job[job.index(flag) + 1] for job in jobs if flag in job]
   assert sorted(forms) == sorted(2 * execution.DENSE_BLOCK_FORMS)
-  gathers = [job for job in jobs if '--gathers' in job]
-  assert sorted(job[job.index('--gathers') + 1] for job in gathers) == sorted(
-      execution.GATHER_FORMS)
+  gathers = [job for job in jobs if '--condensed-gathers' in job]
+  assert sorted(job[job.index('--condensed-gathers') + 1] for job in gathers) == sorted(
+      execution.CONDENSED_GATHERS)
   assert {job[1] for job in gathers} == {'infer_condensed'}
   assert len(jobs) == len(named) + len(forms) + len(gathers)
   assert {job[1] for job in jobs} == {'train', 'infer_condensed'}

@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from condensenet_jax import checkpoint, condense, models, torch_import
+from condensenet_jax.execution import Execution
 from conftest import max_relative_error, official_stage, randomize
 
 
@@ -264,9 +265,10 @@ def test_gathered_norm_copies_are_checked_where_models_are_read(tmp_path):
              "BN bias values")
   with pytest.raises(ValueError, match=message):
     condense.check_gathered_norms(small, tampered)
-  condense.check_gathered_norms(small.clone(gathers='keep'), tampered)
+  keep = Execution(condensed_gathers='keep')
+  condense.check_gathered_norms(small.clone(execution=keep), tampered)
   checkpoint.save_condensed(str(tmp_path), small, tampered)
-  with pytest.raises(ValueError, match="load it with gathers='keep'"):
+  with pytest.raises(ValueError, match=r"load it with execution=Execution\(condensed_gathers="):
     checkpoint.load_condensed(str(tmp_path))
-  loaded, _ = checkpoint.load_condensed(str(tmp_path), gathers='keep')
-  assert loaded.gathers == 'keep'
+  loaded, _ = checkpoint.load_condensed(str(tmp_path), execution=keep)
+  assert loaded.execution == keep

@@ -26,7 +26,7 @@ def test_reference_table(variant, image_size, train_flops, train_params, flops_c
   model = getattr(models, variant)()
   f, p = flops.count(model, image_size)
   assert (round(f / 1e6, 2), round(p / 1e6, 3)) == (train_flops, train_params)
-  f, p = flops.count(models.CondensedNet.from_model(model), image_size)
+  f, p = flops.count(models.CondensedCondenseNet.from_model(model), image_size)
   assert (round(f / 1e6, 2), round(p / 1e6, 3)) == (flops_c, params_c)
 
 
@@ -40,28 +40,29 @@ def test_fixture_counts_exactly(fixture):
   size = c['image_size']
   assert flops.count(fixture.model, size) == (c['flops_training_model'],
                                               c['params_training_model'])
-  small = models.CondensedNet.from_model(fixture.model)
+  small = models.CondensedCondenseNet.from_model(fixture.model)
   assert flops.count(small, size) == (c['flops_converted'], c['params_converted'])
 
 
 def test_condensenet86_exact_counts():
   # Hand check of the classifier term: 800 features -> 10 classes, halved by the export.
   model = models.CondenseNet86()
-  (f, p), (fc, pc) = flops.count(model, 32), flops.count(models.CondensedNet.from_model(model), 32)
+  small = models.CondensedCondenseNet.from_model(model)
+  (f, p), (fc, pc) = flops.count(model, 32), flops.count(small, 32)
   assert f - fc == p - pc == 800 * 10 // 2
 
 
 def test_params_match_the_trainable_variables_of_the_condensed_model():
   # The converted model's parameter count is exactly its trainable variables.
   for variant, size in (('CondenseNet86', 32), ('CondenseNet74_C8', 224)):
-    small = models.CondensedNet.from_model(getattr(models, variant)())
+    small = models.CondensedCondenseNet.from_model(getattr(models, variant)())
     shapes = models.variable_shapes(small, size)
     total = sum(x.size for x in jax.tree.leaves(shapes['params']))
     assert flops.count(small, size)[1] == total
 
 
 def test_unknown_model_type():
-  with pytest.raises(TypeError, match='CondenseNet, CondensedNet and DenseNet'):
+  with pytest.raises(TypeError, match='CondenseNet, CondensedCondenseNet and DenseNet'):
     flops.count(object(), 32)
 
 
@@ -92,7 +93,7 @@ def _multiply_adds_from_kernels(model, image_size):
 ])
 def test_multiply_adds_are_what_each_form_runs(variant, image_size, masked, condensed):
   model = getattr(models, variant)()
-  small = models.CondensedNet.from_model(model)
+  small = models.CondensedCondenseNet.from_model(model)
   assert flops.multiply_adds(model, image_size) == _multiply_adds_from_kernels(model, image_size)
   assert flops.multiply_adds(small, image_size) == _multiply_adds_from_kernels(small, image_size)
   if masked is not None:  # the figures the run header and README quote

@@ -1,6 +1,5 @@
 """Tests for condensenet_jax.layers: lowerings, channel shuffle, masks, LGC, BN + ReLU."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +42,10 @@ def test_block_diagonal_layout():
     assert not dense[rows][:, off].any()
 
 
-def test_resolve_lowering():
-  assert execution.resolve_lowering('auto') in execution.LOWERINGS
-  assert execution.resolve_lowering('auto', 64, backend='gpu') == 'block_diagonal'
-  assert execution.resolve_lowering('auto', 64, backend='tpu') == 'grouped'
-  assert execution.resolve_lowering('auto', 64, condensed=True, backend='cpu') == 'per_group'
-  assert execution.resolve_lowering('auto', 64, backend='cpu') == 'block_diagonal'
-  assert execution.resolve_lowering('per_group', backend='gpu') == 'per_group'
-  with pytest.raises(ValueError, match="conv_lowering='fast'"):
-    execution.resolve_lowering('fast')
+def test_grouped_conv_names_an_unknown_lowering():
+  x, kernel = jnp.ones((1, 4, 4, 8)), jnp.ones((1, 1, 4, 8))
+  with pytest.raises(ValueError, match=r"lowering='fast' is not one of \('grouped', "):
+    layers.grouped_conv(x, kernel, 2, lowering='fast')
 
 
 def test_channel_shuffle_is_group_major_to_interleaved():
@@ -65,31 +59,6 @@ def test_channel_shuffle_is_group_major_to_interleaved():
   np.testing.assert_array_equal(y, expected)
   np.testing.assert_array_equal(np.asarray(x)[..., layers.shuffle_order(12, 3)][0, 0, 0],
                                 expected)
-
-
-def test_auto_lowering_on_cpu_depends_on_the_map_size_for_condensed_layers_only():
-  big, small = 32 * 32, execution.CPU_PER_GROUP_MAX_PIXELS
-  rule = functools.partial(execution.resolve_lowering, backend='cpu')
-  assert rule('auto', big, condensed=True) == 'block_diagonal'
-  assert rule('auto', small, condensed=True) == 'per_group'
-  assert rule('auto', small) == 'block_diagonal'  # spatial convolutions
-  assert rule('auto', condensed=True) == 'block_diagonal'  # training
-  assert rule('grouped', small, condensed=True) == 'grouped'
-
-
-def test_skips_gathers_rule():
-  rule = execution.skips_gathers
-  assert rule('auto', 16 * 16, train=False, backend='cpu')
-  assert not rule('auto', execution.CPU_GATHER_FREE_MIN_PIXELS, train=False, backend='cpu')
-  for backend in ('gpu', 'tpu'):
-    assert not rule('auto', 16 * 16, train=False, backend=backend)
-    assert rule('skip', 4, train=False, backend=backend)
-  assert not rule('keep', 16 * 16, train=False, backend='cpu')
-  for gathers in ('auto', 'skip'):  # training always gathers
-    assert not rule(gathers, 16 * 16, train=True, backend='cpu')
-  with pytest.raises(ValueError, match=r"gathers='fold' is not one of \('auto', 'keep', "
-                                       r"'skip'\)"):
-    rule('fold', 16 * 16, train=False)
 
 
 def test_condensed_conv_without_its_gather_is_the_same_function():
@@ -106,12 +75,15 @@ def test_condensed_conv_without_its_gather_is_the_same_function():
       'batch_stats': {'norm': {'mean': per_channel(-1, 1), 'var': per_channel(0.5, 2)}},
       'indices': {'index': index}}
   with jax.default_matmul_precision('highest'):
-    expected = conv.clone(gathers='keep').apply(variables, x)
-    actual = conv.clone(gathers='skip').apply(variables, x)
-  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-  # Both forms read the same variables: the gather-free one is not a different model.
-  assert jax.tree.structure(conv.clone(gathers='skip').init(jax.random.PRNGKey(1), x)) == (
-      jax.tree.structure(conv.clone(gathers='keep').init(jax.random.PRNGKey(1), x)))
+    expected = conv.clone(form='grouped').apply(variables, x)
+    for form in ('gather_free', 'block_diagonal', 'per_group'):
+      actual = conv.clone(form=form).apply(variables, x)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=form)
+  # Every form reads the same variables: the gather-free one is not a different model.
+  assert jax.tree.structure(conv.clone(form='gather_free').init(jax.random.PRNGKey(1), x)) == (
+      jax.tree.structure(conv.init(jax.random.PRNGKey(1), x)))
+  with pytest.raises(ValueError, match="form='gather_free' runs in eval mode only"):
+    conv.clone(form='gather_free').apply(variables, x, train=True, mutable=['batch_stats'])
 
 
 def test_expand_mask_assigns_output_channel_o_to_group_o_mod_g():

@@ -10,6 +10,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from condensenet_jax import checkpoint, condense, execution, layers, models
+from condensenet_jax.execution import Execution
 from conftest import randomize
 
 
@@ -102,12 +103,13 @@ def test_apply_never_writes_masks_and_dropout_needs_rng():
 
 def test_lowerings_give_the_same_model():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  base = models.CondenseNetTiny(conv_lowering='grouped')
+  base = models.CondenseNetTiny(execution=Execution(conv_lowering='grouped'))
   variables = models.init_variables(base, seed=1)
   with jax.default_matmul_precision('highest'):
     expected = jax.jit(base.apply)(variables, x)
     for lowering in ('block_diagonal', 'per_group'):
-      actual = jax.jit(models.CondenseNetTiny(conv_lowering=lowering).apply)(variables, x)
+      model = models.CondenseNetTiny(execution=Execution(conv_lowering=lowering))
+      actual = jax.jit(model.apply)(variables, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -119,9 +121,11 @@ def test_lowerings_give_the_same_condensed_model():
   masks = condense.condense_all(variables['params'], variables['masks'], model)
   small, small_vars = condense.export(model, {**variables, 'masks': masks})
   with jax.default_matmul_precision('highest'):
-    expected = jax.jit(small.clone(conv_lowering='grouped').apply)(small_vars, x)
+    keep = lambda lowering: small.clone(execution=Execution(
+        conv_lowering=lowering, condensed_gathers='keep'))
+    expected = jax.jit(keep('grouped').apply)(small_vars, x)
     for lowering in ('auto', 'block_diagonal', 'per_group'):
-      actual = jax.jit(small.clone(conv_lowering=lowering).apply)(small_vars, x)
+      actual = jax.jit(keep(lowering).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -134,28 +138,11 @@ def test_gather_forms_give_the_same_condensed_model():
   small, small_vars = condense.export(model, {**variables, 'masks': masks}, classifier_keep=1.0)
   with jax.default_matmul_precision('highest'):
     expected = jax.jit(model.apply)({**variables, 'masks': masks}, x)
-    for gathers in ('auto',) + execution.GATHER_FORMS:
-      actual = jax.jit(small.clone(gathers=gathers).apply)(small_vars, x)
+    for gathers in ('auto',) + execution.CONDENSED_GATHERS:
+      policy = Execution(condensed_gathers=gathers)
+      actual = jax.jit(small.clone(execution=policy).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5,
                                  atol=1e-5 * np.abs(expected).max(), err_msg=gathers)
-  with pytest.raises(ValueError, match="gathers='fold'"):
-    small.clone(gathers='fold').apply(small_vars, x)
-
-
-def test_dense_blocks_rule():
-  resolve = execution.resolve_dense_blocks
-  assert resolve('auto', train=False, backend='cpu') == 'preallocate'
-  assert resolve('auto', train=True, backend='cpu') == 'concatenate'
-  for backend in ('gpu', 'tpu'):
-    assert resolve('auto', train=False, backend=backend) == 'concatenate'
-  for form in execution.DENSE_BLOCK_FORMS:
-    for train in (False, True):
-      assert resolve(form, train=train, backend='gpu') == form
-  with pytest.raises(ValueError, match="dense_blocks='buffer' is not one of"):
-    resolve('buffer', train=False)
-  with pytest.raises(ValueError, match="dense_blocks='buffer'"):
-    models.CondenseNetTiny(dense_blocks='buffer').init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 
 
 @pytest.mark.parametrize('form', ['learned', pytest.param('condensed', marks=pytest.mark.slow),
@@ -172,7 +159,8 @@ def test_dense_block_forms_give_the_same_model(form):
     model, variables = condense.export(model, {**variables, 'masks': masks})
   outputs = {}
   for dense_blocks in execution.DENSE_BLOCK_FORMS:
-    apply = jax.jit(lambda v, x, m=model.clone(dense_blocks=dense_blocks): m.apply(
+    clone = model.clone(execution=Execution(dense_block_form=dense_blocks))
+    apply = jax.jit(lambda v, x, m=clone: m.apply(
         v, x, capture_intermediates=True, mutable=['intermediates']))
     logits, state = apply(variables, x)
     blocks = {name: value['__call__'][0] for name, value in state['intermediates'].items()
@@ -199,7 +187,7 @@ def test_dense_block_forms_give_the_same_gradients():
   variables = models.init_variables(model, seed=1)
   results = []
   for dense_blocks in execution.DENSE_BLOCK_FORMS:
-    m = model.clone(dense_blocks=dense_blocks)
+    m = model.clone(execution=Execution(dense_block_form=dense_blocks))
 
     def loss(params, m=m):
       logits, updates = m.apply({**variables, 'params': params}, x, train=True,
@@ -249,7 +237,7 @@ def test_invalid_architecture_is_explained(fields, message):
 
 def test_condensed_net_from_model_keeps_fields():
   model = models.CondenseNet74_C8(num_classes=100)
-  small = models.CondensedNet.from_model(model, classifier_keep=0.25)
+  small = models.CondensedCondenseNet.from_model(model, classifier_keep=0.25)
   assert (small.stages, small.growth, small.group_1x1, small.condense_factor,
           small.num_classes, small.stem) == ((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), 8, 8, 100,
                                              'imagenet')
@@ -310,20 +298,27 @@ def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
 
 
 def test_architecture_is_the_one_definition_of_the_network(tmp_path):
-  model = models.CondenseNetTiny(num_classes=7, conv_lowering='per_group', dtype=jnp.bfloat16)
+  policy = Execution(conv_lowering='per_group')
+  model = models.CondenseNetTiny(num_classes=7, execution=policy, dtype=jnp.bfloat16)
   # What checkpoints of earlier versions hold as their 'model_fields': they still resume.
   assert models.architecture(model) == {
       'stages': [2, 2, 2], 'growth': [4, 8, 8], 'bottleneck': 4, 'group_1x1': 4,
       'group_3x3': 4, 'condense_factor': 4, 'num_classes': 7, 'stem': 'cifar',
       'dropout_rate': 0.0}
-  small = models.CondensedNet.from_model(model, classifier_keep=0.25)
+  small = models.CondensedCondenseNet.from_model(model, classifier_keep=0.25)
   assert models.architecture(small) == {**models.architecture(model), 'classifier_keep': 0.25}
-  assert (small.conv_lowering, small.dtype) == ('per_group', jnp.bfloat16)  # execution kept
-  assert models.describe(small).startswith('CondensedNet(stages=[2, 2, 2], growth=[4, 8, 8], ')
+  assert (small.execution, small.dtype) == (policy, jnp.bfloat16)  # how it runs is kept
+  assert models.describe(small).startswith(
+      'CondensedCondenseNet(stages=[2, 2, 2], growth=[4, 8, 8], ')
+  assert models.CondensedNet is models.CondensedCondenseNet  # the earlier name
   checkpoint.save_condensed(str(tmp_path), small, models.init_variables(small))
   loaded, _ = checkpoint.load_condensed(str(tmp_path))
   assert models.architecture(loaded) == models.architecture(small)
   assert models.architecture(models.DenseNetBC100())['reduction'] == 0.5
+  # Sequences given as lists are the same architecture; nothing is written into the module.
+  listed = models.CondenseNetTiny(stages=[2, 2, 2], num_classes=7)
+  assert models.architecture(listed) == models.architecture(model)
+  assert listed.stages == [2, 2, 2]
 
 
 def test_images_of_another_size_are_refused_with_the_size_needed():

@@ -21,7 +21,7 @@ def test_imported_states_give_the_official_logits(fixture):
 
 
 def test_converted_state_gives_the_official_logits(fixture):
-  small = models.CondensedNet.from_model(fixture.model)
+  small = models.CondensedCondenseNet.from_model(fixture.model)
   variables = torch_import.load_converted_state_dict(small, fixture.state_dict('converted'))
   assert set(variables) == {'params', 'batch_stats', 'indices'}
   logits = jax.jit(small.apply)(variables, fixture.x)
@@ -109,7 +109,7 @@ def test_count_and_stage_must_agree_with_the_mask(fixture_by_name, key, value, m
 
 def test_converted_index_out_of_range_is_rejected(fixture_by_name):
   fx = fixture_by_name('tiny_cifar_g4')
-  small = models.CondensedNet.from_model(fx.model)
+  small = models.CondensedCondenseNet.from_model(fx.model)
   state = fx.state_dict('converted')
   state['classifier.index'] = state['classifier.index'] + 40
   with pytest.raises(torch_import.StateDictError, match=r'classifier\.index: indices must lie '
@@ -119,10 +119,10 @@ def test_converted_index_out_of_range_is_rejected(fixture_by_name):
 
 def test_forms_cannot_be_mixed(fixture_by_name):
   fx = fixture_by_name('tiny_cifar_g4')
-  small = models.CondensedNet.from_model(fx.model)
+  small = models.CondensedCondenseNet.from_model(fx.model)
   with pytest.raises(TypeError, match='load_converted_state_dict'):
     torch_import.load_state_dict(small, fx.state_dict('converted'))
-  with pytest.raises(TypeError, match='takes a CondensedNet'):
+  with pytest.raises(TypeError, match='takes a CondensedCondenseNet'):
     torch_import.load_converted_state_dict(fx.model, fx.state_dict('state0'))
   with pytest.raises(torch_import.StateDictError, match='missing key'):
     torch_import.load_state_dict(fx.model, fx.state_dict('converted'))

@@ -65,7 +65,7 @@ def test_run_writes_summary_metrics_and_condensed_model(digits_run):
   model = train.build_model(config, num_classes=10)
   assert summary['masked_multiply_adds'] == flops.multiply_adds(model, 32)
   assert summary['condensed_multiply_adds'] == flops.multiply_adds(
-      models.CondensedNet.from_model(model), 32) < summary['masked_multiply_adds']
+      models.CondensedCondenseNet.from_model(model), 32) < summary['masked_multiply_adds']
   assert 0.0 <= summary['condensed_accuracy'] <= 1.0
   assert summary['test_examples'] == 359
   records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -317,20 +317,17 @@ def _convolutions(hlo: str) -> tuple[int, int]:
 
 def test_cpu_convolutions_chooses_the_kernels_of_the_compiled_programs(tmp_path):
   config = tiny(digits_config.get_config())
-  assert config.cpu_convolutions == 'xla'
-  assert execution.compiler_options(config, 'gpu') is None
-  config.cpu_convolutions = 'fast'
-  with pytest.raises(ValueError, match=r"cpu_convolutions='fast' is not one of \('xla', "
-                                       r"'ynnpack'\)"):
+  assert config.execution.cpu_convolutions == 'xla'
+  config.execution.cpu_convolutions = 'fast'
+  with pytest.raises(ValueError, match=r"config.execution.cpu_convolutions='fast' is not one of "
+                                       r"\('xla', 'ynnpack'\)"):
     train.setup(config, str(tmp_path))
-  with pytest.raises(ValueError, match="cpu_convolutions='fast'"):
-    execution.compiler_options(config, 'gpu')  # refused on every backend
-  config.cpu_convolutions = 'ynnpack'
-  assert execution.compiler_options(config, 'cpu') is None
+  config.execution.cpu_convolutions = 'ynnpack'
+  assert execution.Execution.from_config(config, 'cpu').compiler_options() is None
   if jax.default_backend() != 'cpu':
     return
-  config.cpu_convolutions = 'xla'
-  assert execution.compiler_options(config) == {
+  config.execution.cpu_convolutions = 'xla'
+  assert execution.Execution.from_config(config, 'cpu').compiler_options() == {
       'xla_cpu_experimental_ynn_fusion_type':
           'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
       'xla_backend_optimization_level': 1}
