@@ -50,7 +50,7 @@ def _unknown_field(argv: list[str], error: AttributeError) -> str:
   flag = next((a.split('=', 1)[0] for a in argv
                if a.startswith('--config.') and re.search(rf'\.{name}(=|$)', a)),
               f'--config.{name}')
-  from condensenet_jax.train import RENAMED_FIELDS  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.validation import RENAMED_FIELDS  # pylint: disable=g-import-not-at-top
   renamed = RENAMED_FIELDS.get(flag[len('--config.'):])
   if renamed:
     return f'{flag} is now --config.{renamed}.'

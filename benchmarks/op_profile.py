@@ -21,11 +21,11 @@ output shape, the JAX source operation it came from, and a category:
 Prints the categories, then the `--top` most expensive operations; the last line is a JSON
 object with both. Times are summed over the steps' events and divided by the number of steps;
 on a CPU, operations on different threads overlap, so the sum can exceed the wall time.
-XLA's own CPU convolutions (`config.execution.cpu_convolutions='xla'`) run asynchronously, and most of
-their events cover little more than the launch (docs/performance.md#how-to-measure). Their
-time shows up in the operations that run beside them, mostly transposes and elementwise work
-of the backward pass; time a convolution alone (`benchmarks/lowering.py`) or compare whole
-programs instead.
+XLA's own CPU convolutions (`config.execution.cpu_convolutions='xla'`) run asynchronously, and
+most of their events cover little more than the launch (docs/performance.md#how-to-measure).
+Their time shows up in the operations that run beside them, mostly transposes and elementwise
+work of the backward pass; time a convolution alone (`benchmarks/lowering.py`) or compare
+whole programs instead.
 """
 
 import argparse

@@ -2,8 +2,8 @@
 
 Training checkpoints live in `workdir/checkpoints/<step>/` (orbax `CheckpointManager`: items
 `state` and `meta`); the condensed model in `workdir/condensed/` as `model.json` (the
-`CondensedCondenseNet` architecture and the evaluation preprocessing: dataset, image size, mean, std, class
-names) and `variables.npz` (plain numpy, readable without JAX or orbax).
+`CondensedCondenseNet` architecture and the evaluation preprocessing: dataset, image size,
+mean, std, class names) and `variables.npz` (plain numpy, readable without JAX or orbax).
 """
 
 import hashlib
@@ -186,6 +186,16 @@ def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = No
 
 # Fields that fix the data order, the schedule and the condensing stages of a run.
 RUN_FIELDS = ('dataset', 'seed', 'batch_size', 'num_epochs')
+
+
+def run_meta(config, model, step: int, stage: int, steps_per_epoch: int,
+             total_steps: int) -> dict[str, Any]:
+  """The JSON item saved with checkpoint `step`: the config, the model's class and
+  `models.architecture` (what `restore_latest` compares) and where the run stands."""
+  epoch, position = divmod(step, steps_per_epoch)
+  return {'config': config.to_dict(), 'model': type(model).__name__,
+          'model_fields': models.architecture(model), 'step': step, 'stage': stage,
+          'epoch': epoch, 'position_in_epoch': position, 'total_steps': total_steps}
 
 
 def check_same_run(config, meta: dict[str, Any], directory: str) -> None:

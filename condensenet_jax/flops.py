@@ -143,3 +143,23 @@ def multiply_adds(model, image_size: int) -> int:
     TypeError, ValueError: as `count`.
   """
   return _counted(model, image_size, 'multiply_adds').multiply_adds
+
+
+def costs(model, classifier_keep: float = 0.5) -> dict[str, int]:
+  """Per image of the model's default size: `flops` and `params` (official convention) and
+  `masked_multiply_adds` (really run) of `model`; for a `CondenseNet` also `condensed_flops`,
+  `condensed_params` and `condensed_multiply_adds` of the condensed form that
+  `condense.export(model, ..., classifier_keep)` makes.
+
+  Raises:
+    TypeError, ValueError: as `count`.
+  """
+  size = models.default_image_size(model)
+  f, p = count(model, size)
+  result = {'flops': f, 'params': p, 'masked_multiply_adds': multiply_adds(model, size)}
+  if isinstance(model, models.CondenseNet):
+    small = models.CondensedCondenseNet.from_model(model, classifier_keep)
+    f, p = count(small, size)
+    result.update(condensed_flops=f, condensed_params=p,
+                  condensed_multiply_adds=multiply_adds(small, size))
+  return result

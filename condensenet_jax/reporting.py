@@ -149,3 +149,42 @@ def event_line(masks, model, step: int, stage: int) -> str:
   c = model.condense_factor
   return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
           f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')
+
+
+def epochs(n: int) -> str:
+  """'1 epoch', '3 epochs'."""
+  return f'{n} epoch' + ('s' if n != 1 else '')
+
+
+def run_header(model, dataset: str, costs: dict[str, int], total_steps: int,
+               steps_per_epoch: int, num_epochs: int, batch_size: int, devices: int,
+               platform: str) -> str:
+  """The line a run opens with: the model, its costs (`flops.costs`) and the schedule."""
+  text = (f'{type(model).__name__} {list(model.stages)}x{list(model.growth)} on {dataset}: '
+          f'{costs["flops"] / 1e6:.2f}M FLOPs, {costs["params"] / 1e6:.3f}M params')
+  if 'condensed_multiply_adds' in costs:
+    text += (f' (official convention; multiply-adds really run: '
+             f'{costs["masked_multiply_adds"] / 1e6:.1f}M masked, '
+             f'{costs["condensed_multiply_adds"] / 1e6:.1f}M condensed)')
+  return (f'{text}; {total_steps} steps ({epochs(num_epochs)} of {steps_per_epoch}), '
+          f'global batch {batch_size} on {devices} {platform} device(s)')
+
+
+def write_summary(workdir: str, writer: MetricsWriter, summary: dict[str, Any],
+                  step: int) -> str:
+  """Writes `summary` to `workdir/summary.json` and its numbers as the 'final' record of
+  `writer` at `step`; returns the file's path."""
+  writer.write(step, 'final', {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+  path = os.path.join(workdir, 'summary.json')
+  with open(path, 'w') as f:
+    json.dump(summary, f, indent=1)
+  return path
+
+
+def condensed_line(accuracy: float, costs: dict[str, int]) -> str:
+  """The line a run prints after evaluating its condensed model, with `flops.costs`."""
+  return (f'test accuracy of the condensed model: {accuracy:.4f} '
+          f'({costs["condensed_flops"] / 1e6:.2f}M FLOPs, '
+          f'{costs["condensed_params"] / 1e6:.3f}M params; it runs '
+          f'{costs["condensed_multiply_adds"] / 1e6:.1f}M multiply-adds an image, the trained '
+          f'model {costs["masked_multiply_adds"] / 1e6:.1f}M)')

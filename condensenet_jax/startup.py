@@ -5,10 +5,12 @@ Everything here happens once per process, before the run's programs are built; n
 touches the model or the data.
 """
 
+import contextlib
 import os
 import tempfile
+import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 
@@ -100,6 +102,32 @@ def compile_note() -> str:
   cache = jax.config.jax_compilation_cache_dir
   return 'once per run, tens of seconds' + (
       f'; a resumed run loads it from {cache}' if cache else '')
+
+
+@contextlib.contextmanager
+def first_compilation(log: Callable[[str], None], what: str = 'training step'):
+  """Around the first call of a compiled program: says that it compiles (and where a resumed
+  run finds it), then how long compiling and running it took and whether it came from the
+  persistent compilation cache."""
+  log(f'compiling the {what} ({compile_note()})...')
+  started, hits = time.time(), cache_hits()
+  yield
+  how = 'loaded from the compilation cache' if cache_hits() > hits else 'compiled'
+  log(f'{what} {how} and run in {time.time() - started:.1f} s')
+
+
+def start(config, workdir: str) -> Callable[..., None]:
+  """Starts a training process: checks `workdir` (ValueError before anything is written),
+  sets deterministic GPU kernels as `config` says, turns on the compilation cache (before the
+  first compilation: JAX decides then whether it uses one) and joins the other processes of a
+  multi-host run. Returns the log function: `print` on process 0, nothing elsewhere."""
+  check_workdir(workdir)
+  configure_determinism(config)
+  enable_compilation_cache(config, workdir)
+  maybe_initialize_distributed()
+  if jax.process_index() == 0:
+    return lambda *a: print(*a, flush=True)
+  return lambda *a: None
 
 
 def check_workdir(workdir: str) -> None:

@@ -41,8 +41,8 @@ def test_train_mode_times_the_real_step_once_compiled(tiny_config):
   assert result['step_ms_min'] <= result['step_ms_median'] <= result['step_ms_max']
   assert result['img_per_s'] == pytest.approx(8000 / result['step_ms_median'])
   assert result['model'] == 'CondenseNet' and result['stages'] == [1, 1, 1]
-  from condensenet_jax import flops, train  # pylint: disable=g-import-not-at-top
-  model = train.build_model(bench.load_config(tiny_config), num_classes=10)
+  from condensenet_jax import flops, recipe  # pylint: disable=g-import-not-at-top
+  model = recipe.build_model(bench.load_config(tiny_config), num_classes=10)
   assert result['model_flops'] == 3 * 2 * flops.count(model, 32)[0] * 8
   assert result['conv_lowering'] == 'auto' and result['conv_lowering_used'] == (
       'grouped' if jax.default_backend() == 'tpu' else 'block_diagonal')

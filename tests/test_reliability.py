@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from condensenet_jax import checkpoint, train
+from condensenet_jax import checkpoint, train, validation
 
 # Every test here trains (most in subprocesses): the full tier.
 pytestmark = pytest.mark.slow
@@ -228,7 +228,7 @@ def test_batch_must_divide_across_devices():
   config = _tiny_digits()
   with pytest.raises(ValueError, match=r'config.batch_size=64 is not divisible by the 3 '
                                        r'devices; use a multiple of 3'):
-    train.validate(config, devices=3)
+    validation.validate(config, devices=3)
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path, env):

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from condensenet_jax import checkpoint, condense, data, execution, flops, models, startup, train
+from condensenet_jax import (checkpoint, condense, data, execution, flops, models, recipe, startup,
+                             train)
 
 # Every test here trains: the full tier.
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_run_writes_summary_metrics_and_condensed_model(digits_run):
               'condensed_params', 'condensing_event_steps', 'train_img_per_s', 'wall_seconds',
               'final_state_sha256'):
     assert key in summary, key
-  model = train.build_model(config, num_classes=10)
+  model = recipe.build_model(config, num_classes=10)
   assert summary['masked_multiply_adds'] == flops.multiply_adds(model, 32)
   assert summary['condensed_multiply_adds'] == flops.multiply_adds(
       models.CondensedCondenseNet.from_model(model), 32) < summary['masked_multiply_adds']
