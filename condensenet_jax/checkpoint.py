@@ -93,8 +93,10 @@ def save_condensed(directory: str, model: models.CondensedCondenseNet, variables
               indent=1)
 
 
-def _read_condensed(directory: str, overrides) -> tuple[models.CondensedCondenseNet,
-                                                       dict[str, Any], dict[str, Any]]:
+def read_condensed(directory: str, **overrides) -> tuple[models.CondensedCondenseNet,
+                                                         dict[str, Any], dict[str, Any]]:
+  """`(model, variables, spec)` of the condensed model in `directory`; `spec` is its
+  `model.json` (`fields`, `preprocessing`). Raises as `load_condensed`."""
   paths = [os.path.join(directory, f) for f in ('model.json', 'variables.npz')]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
@@ -123,7 +125,7 @@ def load_condensed(directory: str,
       its gathers (`condense.check_gathered_norms`; load with
       `execution=Execution(condensed_gathers='keep')`).
   """
-  model, variables, _ = _read_condensed(directory, overrides)
+  model, variables, _ = read_condensed(directory, **overrides)
   return model, variables
 
 
@@ -174,7 +176,7 @@ def load_classifier(directory: str, preprocessing: Optional[dict[str, Any]] = No
     FileNotFoundError, ValueError: as `load_condensed`; ValueError also when no preprocessing
       is saved or given.
   """
-  model, variables, spec = _read_condensed(directory, overrides)
+  model, variables, spec = read_condensed(directory, **overrides)
   preprocessing = preprocessing or spec.get('preprocessing')
   if not preprocessing:
     raise ValueError(f'{directory}/model.json has no preprocessing (mean, std, image size); '

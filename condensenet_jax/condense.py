@@ -166,7 +166,7 @@ def condense_event(params, masks, model):
   """
   c = model.condense_factor
   if not any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):
-    for name, done in condensed_layers(masks, model).items():
+    for name, done in events_done_per_layer(masks, model).items():
       if done >= c - 1:
         raise ValueError(
             f'{name} has already had all {c - 1} condensing events (condense_factor={c}); '
@@ -182,7 +182,7 @@ def condense_all(params, masks, model):
   return masks
 
 
-def condensed_layers(masks, model) -> dict[str, int]:
+def events_done_per_layer(masks, model) -> dict[str, int]:
   """`{layer path: condensing events its mask shows}` for concrete masks.
 
   Raises:
@@ -239,7 +239,7 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
   params, stats, masks = (to_np(variables[c]) for c in ('params', 'batch_stats', 'masks'))
   last = model.condense_factor - 1
   indices = {}
-  for name, done in condensed_layers(traverse_util.unflatten_dict(masks), model).items():
+  for name, done in events_done_per_layer(traverse_util.unflatten_dict(masks), model).items():
     if done != last:
       raise ValueError(
           f'{name} has had {done} of the {last} condensing events; export needs every layer '
@@ -254,7 +254,7 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
         tree[path + ('norm', leaf)] = tree[path + ('norm', leaf)][index]
     indices[path + ('index',)] = index.astype(np.int32)
   kernel = params[('classifier', 'kernel')]  # [features, classes]
-  kept = small.classifier_inputs
+  kept = small.num_classifier_inputs
   order = np.argsort(np.abs(kernel).sum(axis=1), kind='stable')  # increasing L1 norm
   index = order[kernel.shape[0] - kept:]
   params[('classifier', 'kernel')] = kernel[index]

@@ -56,6 +56,8 @@ class DataSource(Protocol):
   def image_size(self) -> int: ...
   @property
   def num_train(self) -> int: ...
+  @property
+  def num_test(self) -> int: ...
   def train_batches(self, seed: int, start_step: int, global_batch: int
                     ) -> Iterator[dict[str, np.ndarray]]: ...
   def eval_batches(self, global_batch: int
@@ -87,6 +89,10 @@ class InMemoryDataset:
   @property
   def num_train(self) -> int:
     return len(self.train_labels)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test_labels)
 
   def train_batches(self, seed: int, start_step: int, global_batch: int
                     ) -> Iterator[dict[str, np.ndarray]]:
@@ -409,6 +415,21 @@ def eval_resize(image_size: int) -> int:
   return int(round(image_size * 256 / 224))
 
 
+def center_crop(image, resize: int, image_size: int):
+  """The evaluation preprocessing of one image (a TensorFlow uint8 tensor `[h, w, 3]`, any
+  size): bilinear resize of the shorter side to `resize`, then the central `image_size` square,
+  rounded back to uint8."""
+  tf = _tf()
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = resize / tf.reduce_min(shape)
+  new = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, new, 'bilinear')
+  top = (new[0] - image_size) // 2
+  left = (new[1] - image_size) // 2
+  image = image[top:top + image_size, left:left + image_size]
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
 def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[str] = None,
                   name: str = 'imagenet2012'
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -422,15 +443,7 @@ def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[s
   resize = eval_resize(image_size)
 
   def center(example):
-    image = example['image']
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = resize / tf.reduce_min(shape)
-    new = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, new, 'bilinear')
-    top = (new[0] - image_size) // 2
-    left = (new[1] - image_size) // 2
-    image = image[top:top + image_size, left:left + image_size]
-    return {'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
+    return {'image': center_crop(example['image'], resize, image_size),
             'label': tf.cast(example['label'], tf.int32), 'valid': tf.constant(1.0)}
 
   ds = builder.as_dataset(split=split, shuffle_files=False).map(
@@ -472,6 +485,10 @@ class StreamingDataset:
   @property
   def num_train(self) -> int:
     return self._builder.info.splits['train'].num_examples
+
+  @property
+  def num_test(self) -> int:
+    return self._builder.info.splits['validation'].num_examples
 
   @property
   def num_classes(self) -> int:

@@ -14,16 +14,29 @@ convolutions and classifier, a masked learned group convolution counted dense (i
 applied whole, masked entries included) and a grouped convolution as its groups.
 """
 
+import contextlib
+
 from condensenet_jax import models
 
 
 class _Counter:
-  """Accumulates (ops, params) layer by layer, with the official formulas."""
+  """Accumulates (ops, params) layer by layer, with the official formulas; `rows` gets one
+  record per `section`."""
 
   def __init__(self):
     self.ops = 0
     self.params = 0
     self.multiply_adds = 0  # as executed: grouped convolutions by group, LGCs dense
+    self.rows = []
+
+  @contextlib.contextmanager
+  def section(self, name: str):
+    """Records what the code inside adds, as `{'layer', 'flops', 'params', 'multiply_adds'}`."""
+    before = (self.ops, self.params, self.multiply_adds)
+    yield
+    self.rows.append({'layer': name, 'flops': self.ops - before[0],
+                      'params': self.params - before[1],
+                      'multiply_adds': self.multiply_adds - before[2]})
 
   def relu(self, channels, size):
     self.ops += channels * size * size
@@ -72,40 +85,51 @@ def _condensenet(model, image_size):
   stride, pool = models.stem_geometry(model.stem)
   condensed = isinstance(model, models.CondensedCondenseNet)
   n = _Counter()
-  size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
+  with n.section('init_conv'):
+    size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
   previous_block = 1
-  for block, _, in_channels, growth in models.dense_layer_inputs(model.stages, model.growth):
+  for block, layer, in_channels, growth in models.dense_layer_inputs(model.stages,
+                                                                     model.growth):
     if block != previous_block:  # transition: 2x2 average pooling
-      size = n.avg_pool(in_channels, size, 2, 2)
+      with n.section(f'transition_{previous_block}'):
+        size = n.avg_pool(in_channels, size, 2, 2)
       previous_block = block
     width = model.bottleneck * growth
-    if condensed:
-      kept = in_channels * model.group_1x1 // model.condense_factor
-      n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
-    else:
-      n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
-    n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
+    with n.section(f'denseblock_{block}/denselayer_{layer}'):
+      if condensed:
+        kept = in_channels * model.group_1x1 // model.condense_factor
+        n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
+      else:
+        n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
+      n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
   features = model.num_features
-  n.head(features, size, pool)
-  n.linear(model.classifier_inputs if condensed else features, model.num_classes)
+  with n.section('norm_last'):
+    n.head(features, size, pool)
+  with n.section('classifier'):
+    n.linear(model.num_classifier_inputs if condensed else features, model.num_classes)
   return n
 
 
 def _densenet(model, image_size):
   stride, pool = models.stem_geometry(model.stem)
   n = _Counter()
-  size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
+  with n.section('init_conv'):
+    size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
   for block, in_channels, end_channels, out_channels in model.block_channels():
     growth = model.growth[block - 1]
     width = model.bottleneck * growth
     for layer in range(model.stages[block - 1]):
-      n.norm_relu_conv(in_channels + layer * growth, width, 1, size, groups=model.group_1x1)
-      n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
+      with n.section(f'denseblock_{block}/denselayer_{layer + 1}'):
+        n.norm_relu_conv(in_channels + layer * growth, width, 1, size, groups=model.group_1x1)
+        n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
     if out_channels is not None:
-      n.norm_relu_conv(end_channels, out_channels, 1, size, groups=model.group_1x1)
-      size = n.avg_pool(out_channels, size, 2, 2)
-  n.head(model.num_features, size, pool)
-  n.linear(model.num_features, model.num_classes)
+      with n.section(f'transition_{block}'):
+        n.norm_relu_conv(end_channels, out_channels, 1, size, groups=model.group_1x1)
+        size = n.avg_pool(out_channels, size, 2, 2)
+  with n.section('norm_last'):
+    n.head(model.num_features, size, pool)
+  with n.section('classifier'):
+    n.linear(model.num_features, model.num_classes)
   return n
 
 
@@ -143,6 +167,18 @@ def multiply_adds(model, image_size: int) -> int:
     TypeError, ValueError: as `count`.
   """
   return _counted(model, image_size, 'multiply_adds').multiply_adds
+
+
+def per_layer(model, image_size: int) -> list[dict[str, object]]:
+  """`count` and `multiply_adds` layer by layer: `{'layer', 'flops', 'params',
+  'multiply_adds'}` for the stem (`init_conv`), every dense layer, every transition, the
+  final BN-ReLU-pooling (`norm_last`) and the classifier, in order; the columns add up to the
+  totals of `count` and `multiply_adds`.
+
+  Raises:
+    TypeError, ValueError: as `count`.
+  """
+  return _counted(model, image_size, 'per_layer').rows
 
 
 def costs(model, classifier_keep: float = 0.5) -> dict[str, int]:

@@ -47,7 +47,7 @@ def dense_layer_inputs(stages: Sequence[int], growth: Sequence[int]):
       channels += k
 
 
-def final_channels(stages: Sequence[int], growth: Sequence[int]) -> int:
+def num_final_channels(stages: Sequence[int], growth: Sequence[int]) -> int:
   """Channels after the last dense block of a CondenseNet (transitions keep the count)."""
   return 2 * growth[0] + sum(n * k for n, k in zip(stages, growth))
 
@@ -204,7 +204,7 @@ class CondenseNet(nn.Module):
   @property
   def num_features(self) -> int:
     """Channels entering the classifier."""
-    return final_channels(self.stages, self.growth)
+    return num_final_channels(self.stages, self.growth)
 
   def conv_1(self, pixels: int, train: bool) -> ModuleDef:
     """Factory of the dense layers' 1x1 convolutions over maps of `pixels` pixels: the
@@ -257,7 +257,7 @@ class CondensedCondenseNet(CondenseNet):
   shares_batch_stats = False
 
   @property
-  def classifier_inputs(self) -> int:
+  def num_classifier_inputs(self) -> int:
     """Features the condensed classifier keeps: `int(num_features * classifier_keep)`."""
     return int(self.num_features * self.classifier_keep)
 
@@ -271,8 +271,8 @@ class CondensedCondenseNet(CondenseNet):
 
   def classifier(self, x):
     """Pooled features `[n, num_features]` -> logits `[n, num_classes]`, reading only the
-    `classifier_inputs` gathered features."""
-    return layers.CondensedLinear(self.num_classes, self.classifier_inputs, self.dtype,
+    `num_classifier_inputs` gathered features."""
+    return layers.CondensedLinear(self.num_classes, self.num_classifier_inputs, self.dtype,
                                   name='classifier')(x)
 
   @classmethod

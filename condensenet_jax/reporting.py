@@ -13,11 +13,13 @@ import numpy as np
 
 class ProgressBar:
   """One line per epoch, redrawn in place on a terminal; printed every `every` steps (and at
-  the end of the epoch) when the output is a file or a pipe."""
+  the end of the epoch) when the output is a file or a pipe. `label` replaces the
+  'epoch i/n' prefix (for progress that is not an epoch)."""
 
   def __init__(self, epoch: int, num_epochs: int, total: int, every: int = 50,
-               stream=None, enabled: bool = True):
+               stream=None, enabled: bool = True, label: Optional[str] = None):
     self.epoch, self.num_epochs, self.total, self.every = epoch, num_epochs, total, every
+    self.label = label or f'epoch {epoch + 1}/{num_epochs}'
     self.stream = stream or sys.stdout
     self.enabled = enabled
     self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
@@ -39,7 +41,7 @@ class ProgressBar:
     filled = int(width * done / max(self.total, 1))
     bar = '#' * filled + '.' * (width - filled)
     text = ' '.join(_format(k, v) for k, v in values.items())
-    line = (f'epoch {self.epoch + 1}/{self.num_epochs} [{bar}] {done}/{self.total} {text}')
+    line = f'{self.label} [{bar}] {done}/{self.total} {text}'
     if self.tty:
       self.stream.write('\r\033[K' + line + ('\n' if final else ''))
     else:

@@ -184,13 +184,9 @@ def setup(config, workdir: str, devices=None,
                                         out_specs=(P(), P()), check_vma=False),
                           donate_argnums=0, compiler_options=options)
 
-  @functools.lru_cache(maxsize=None)
-  def compiled_eval(eval_model):
-    fn = functools.partial(evaluation.eval_step, model=eval_model, mean=mean, std=std,
-                           dtype=recipe.compute_dtype(config), axis_name=AXIS,
-                           chunk=model.execution.inference_chunk())
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                                 check_vma=False), compiler_options=options)
+  compiled_eval = functools.lru_cache(maxsize=None)(functools.partial(
+      evaluation.compile_eval, mesh=mesh, axis_name=AXIS, mean=mean, std=std,
+      dtype=recipe.compute_dtype(config)))
 
   return Run(config, workdir, mesh, model, dataset, per_epoch, total, schedule, tx,
              compiled_step, compiled_eval, traces)
@@ -213,8 +209,7 @@ def initial_state(run: Run) -> TrainState:
 def global_batch(run: Run, arrays: dict[str, np.ndarray]):
   """This process's share of a global batch (host arrays) -> global arrays sharded over the
   batch axis of the run's mesh."""
-  sharding = NamedSharding(run.mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+  return evaluation.shard_batch(run.mesh, AXIS, arrays)
 
 
 def train_batches(run: Run, start_step: int):
@@ -223,11 +218,12 @@ def train_batches(run: Run, start_step: int):
 
 
 def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
-  """Accuracy, loss and number of examples of `eval_model` on the whole test set."""
-  fn = run.eval_step(eval_model)
-  return evaluation.summarize(
-      fn(variables, global_batch(run, {'image': images, 'label': labels, 'valid': valid}))
-      for images, labels, valid in run.dataset.eval_batches(run.config.eval_batch_size))
+  """Accuracy, top-5 accuracy, loss and number of examples of `eval_model` on the whole test
+  set (`evaluation.run_eval`)."""
+  batches = run.dataset.eval_batches(run.config.eval_batch_size)
+  result = evaluation.run_eval(run.eval_step(eval_model), variables, batches, run.mesh, AXIS)
+  result.pop('img_per_s')
+  return result
 
 
 def _stage(run: Run, step: int) -> int:

@@ -77,5 +77,6 @@ def check_model_and_data(config, model, dataset: data.DataSource) -> None:
     c = model.condense_factor
     raise ValueError(
         f'{total} training steps ({reporting.epochs(config.num_epochs)} of {per_epoch}) are too '
-        f'few for condense_factor={c}: its {c - 1} condensing events need at least {2 * (c - 1)} steps '
-        '(the condensing stages take the first half of training); raise config.num_epochs.')
+        f'few for condense_factor={c}: its {c - 1} condensing events need at least '
+        f'{2 * (c - 1)} steps (the condensing stages take the first half of training); raise '
+        'config.num_epochs.')

@@ -155,7 +155,7 @@ def test_condense_event_refuses_a_fully_condensed_layer():
   params, masks = _one_layer(np.ones((8, 4)), np.ones((8, 2)))
   model = _C(4)
   masks = condense.condense_all(params, masks, model)  # the 3 events in a row
-  assert condense.condensed_layers(masks, model) == {'block/conv_1': 3}
+  assert condense.events_done_per_layer(masks, model) == {'block/conv_1': 3}
   with pytest.raises(ValueError, match=r'block/conv_1 has already had all 3 condensing events'):
     condense.condense_event(params, masks, model)
 
@@ -177,7 +177,7 @@ def test_condense_event_compiles_once_for_all_events():
   # Under jit a further event leaves the fully condensed masks unchanged.
   _assert_trees_equal(event(variables['params'], masks), masks)
   assert len(traces) == 1
-  assert set(condense.condensed_layers(masks, model).values()) == {3}
+  assert set(condense.events_done_per_layer(masks, model).values()) == {3}
 
 
 # --- properties over random weights and configurations ------------------------------------
@@ -238,7 +238,7 @@ def test_export_keeps_the_classifier_inputs_with_the_largest_l1_norm():
     small, small_vars = condense.export(model, variables, classifier_keep=keep)
     index = np.asarray(small_vars['indices']['classifier']['index'])
     norms = np.abs(kernel).sum(1)
-    assert small.classifier_inputs == count and len(index) == count
+    assert small.num_classifier_inputs == count and len(index) == count
     assert set(index) == set(np.argsort(-norms)[:count])
     assert np.all(np.diff(norms[index]) >= 0)  # official order: increasing norm
     np.testing.assert_array_equal(small_vars['params']['classifier']['kernel'], kernel[index])

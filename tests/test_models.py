@@ -241,7 +241,7 @@ def test_condensed_net_from_model_keeps_fields():
   assert (small.stages, small.growth, small.group_1x1, small.condense_factor,
           small.num_classes, small.stem) == ((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), 8, 8, 100,
                                              'imagenet')
-  assert small.classifier_inputs == 2064 // 4
+  assert small.num_classifier_inputs == 2064 // 4
   shapes = _shapes(small, 224)
   assert set(shapes) == {'params', 'batch_stats', 'indices'}
   # Condensed LGC: in=16 -> keeps 16*8/8 = 16 inputs, 8 groups of 2, out = 4*8 = 32.

@@ -36,7 +36,7 @@ def test_masks_are_read_group_by_group(fixture_by_name):
   official = state[f'{LGC}._mask'][:, :, 0, 0]  # [out, in]
   for o in range(official.shape[0]):
     np.testing.assert_array_equal(mask[:, o % 4], official[o])
-  assert condense.condensed_layers(variables['masks'], fx.model)[
+  assert condense.events_done_per_layer(variables['masks'], fx.model)[
       'denseblock_1/denselayer_2/conv_1'] == 3
 
 
@@ -53,7 +53,7 @@ def test_bookkeeping_keys_are_optional(fixture_by_name):
   state = {k: v for k, v in fx.state_dict('state2').items()
            if k.rsplit('.', 1)[-1] not in torch_import.BOOKKEEPING}
   variables = torch_import.load_state_dict(fx.model, state)
-  assert set(condense.condensed_layers(variables['masks'], fx.model).values()) == {2}
+  assert set(condense.events_done_per_layer(variables['masks'], fx.model).values()) == {2}
 
 
 @pytest.mark.parametrize('edit,message', [

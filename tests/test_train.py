@@ -80,7 +80,7 @@ def test_run_writes_summary_metrics_and_condensed_model(digits_run):
   predictions = np.argmax(jax.jit(small.apply)(variables, x), -1)
   accuracy = float(np.mean(predictions == dataset.test_labels))
   assert accuracy == pytest.approx(summary['condensed_accuracy'], abs=1e-6)
-  assert set(condense.condensed_layers(
+  assert set(condense.events_done_per_layer(
       train_masks(workdir, summary), models.CondenseNetTiny()).values()) == {3}
 
 

@@ -1,0 +1,73 @@
+"""What the tools share: the arguments that name a model, loading its test data, placing it on
+the devices, and writing JSON results beside a model without losing what was there."""
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from condensenet_jax import artifacts, data, models
+
+AXIS = 'batch'
+
+
+def add_model_arguments(parser) -> None:
+  """PATH, and `--model` / `--num-classes` for official files."""
+  parser.add_argument('path', help='a --workdir of train.py, a condensed model directory '
+                      '(model.json + variables.npz), or an official .pth / .pth.tar file')
+  parser.add_argument('--model', default=None,
+                      help='for an official file: a variant of condensenet_jax.models, e.g. '
+                           'CondenseNet86, CondenseNet74_C4, CondenseNet74_C8')
+  parser.add_argument('--num-classes', type=int, default=None,
+                      help="for an official file: the number of classes, if not the variant's")
+
+
+def dataset_for(item: artifacts.Loaded, name, data_dir) -> data.DataSource:
+  """The test data `item` is evaluated on: `name`, else the dataset it was trained on.
+
+  Raises:
+    ValueError: no dataset is known, or its images or classes do not fit the model.
+    data.DatasetUnavailableError: the data is not on disk and cannot be downloaded.
+  """
+  name = name or item.dataset
+  if not name:
+    raise ValueError(f'{item.source} does not say which dataset it was trained on; name it with '
+                     f'--dataset (one of {", ".join(data.DATASETS)}).')
+  if name not in data.DATASETS:
+    raise ValueError(f'--dataset {name}: unknown; use one of {", ".join(data.DATASETS)}.')
+  size, classes = data.SHAPES[name]
+  needed = models.default_image_size(item.model)
+  if size != needed or classes != item.model.num_classes:
+    raise ValueError(f'{item.source} takes {needed}x{needed} images in '
+                     f'{item.model.num_classes} classes, but {name} has {size}x{size} images in '
+                     f'{classes} classes; evaluate it on the dataset it was trained for.')
+  return data.load(name, data_dir)
+
+
+def mesh_and_batch(batch_size: int) -> tuple[Mesh, int]:
+  """A 1-D mesh of this process's devices and `batch_size` rounded up to a multiple of them."""
+  devices = jax.local_devices()
+  mesh = Mesh(np.asarray(devices), (AXIS,))
+  return mesh, -(-batch_size // len(devices)) * len(devices)
+
+
+def replicated(mesh: Mesh, variables):
+  """Host arrays -> arrays replicated on every device of `mesh`."""
+  return jax.device_put(variables, NamedSharding(mesh, P()))
+
+
+def merge_json(path: str, updates: dict[str, Any]) -> None:
+  """Sets the keys of `updates` in the JSON object at `path` (made if missing) and writes it
+  back whole; other keys are kept. Written to a temporary name first, then renamed."""
+  content = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      content = json.load(f)
+  content.update(updates)
+  temporary = path + '.tmp'
+  with open(temporary, 'w') as f:
+    json.dump(content, f, indent=1)
+  os.replace(temporary, path)

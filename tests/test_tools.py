@@ -1,0 +1,206 @@
+"""The tools of `python -m condensenet_jax` on a tiny digits run: evaluate, inspect, export
+(jax.export in a process without this package, TFLite in its interpreter) and predict, and
+their one-line errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from condensenet_jax import checkpoint, cli, data, flops, models, train
+
+pytestmark = pytest.mark.slow  # every test reads a trained run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  """A finished tiny digits run: one epoch, one layer per block."""
+  workdir = tmp_path_factory.mktemp('tools') / 'digits'
+  config = digits_config.get_config()
+  config.num_epochs = 1
+  config.model.stages = (1, 1, 1)
+  config.model.growth = (4, 8, 8)
+  config.eval_every_epochs = 0
+  summary = train.train_and_evaluate(config, str(workdir))
+  return workdir, summary
+
+
+def _error(capsys, argv) -> str:
+  """Runs the command line, which must fail with one `error:` line; returns it."""
+  assert cli.main(argv) == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  return lines[0]
+
+
+def test_evaluate_reproduces_the_run_and_writes_eval_json_beside_each_model(run_dir, capsys):
+  workdir, summary = run_dir
+  before = (workdir / 'summary.json').read_bytes()
+  results = cli_results('evaluate', [str(workdir), '--batch-size', '128'])
+  trained, condensed = results
+  assert trained['form'] == 'trained' and condensed['form'] == 'condensed'
+  assert trained['top1'] == pytest.approx(summary['accuracy'], abs=1e-9)
+  assert condensed['top1'] == pytest.approx(summary['condensed_accuracy'], abs=1e-9)
+  assert trained['loss'] == pytest.approx(summary['test_loss'], rel=1e-5)
+  assert trained['examples'] == condensed['examples'] == summary['test_examples'] == 359
+  assert trained['top1'] <= trained['top5'] <= 1 and condensed['top1'] <= condensed['top5']
+  assert (trained['flops'], trained['params']) == (summary['flops'], summary['params'])
+  assert condensed['flops'] == summary['condensed_flops']
+  assert condensed['multiply_adds'] == summary['condensed_multiply_adds']
+  assert trained['step'] == summary['total_steps']
+  on_disk = json.loads((workdir / 'eval.json').read_text())
+  assert on_disk['digits']['top1'] == trained['top1']
+  on_disk = json.loads((workdir / 'condensed' / 'eval.json').read_text())
+  assert on_disk['digits']['top1'] == condensed['top1']
+  assert (workdir / 'summary.json').read_bytes() == before
+  printed = capsys.readouterr().out
+  assert f'trained ({workdir}/checkpoints/23) on digits: top-1 {trained["top1"]:.4f}' in printed
+
+
+def cli_results(command, argv):
+  from condensenet_jax.tools import evaluate, inspection  # pylint: disable=g-import-not-at-top
+  import argparse  # pylint: disable=g-import-not-at-top
+  module = {'evaluate': evaluate, 'inspect': inspection}[command]
+  parser = argparse.ArgumentParser()
+  module.add_arguments(parser)
+  return module.run(parser.parse_args(argv))
+
+
+def test_inspect_rows_add_up_to_both_forms(run_dir, tmp_path):
+  workdir, summary = run_dir
+  rows = cli_results('inspect', [str(workdir), '--out', str(tmp_path)])
+  total = rows[-1]
+  assert total['layer'] == 'total'
+  assert (total['trained_flops'], total['trained_params']) == (summary['flops'],
+                                                               summary['params'])
+  assert (total['condensed_flops'], total['condensed_params']) == (
+      summary['condensed_flops'], summary['condensed_params'])
+  layers = [r for r in rows if r['layer'].startswith('denseblock_')]
+  assert [r['layer'] for r in layers] == [f'denseblock_{b}/denselayer_1' for b in (1, 2, 3)]
+  for r in layers:  # fully condensed, C = 4: every group keeps a quarter of its inputs
+    assert r['kept_per_group'] == str(r['in_channels'] // 4) and r['groups'] == 4
+  csv_text = (tmp_path / 'layers.csv').read_text()
+  assert csv_text.splitlines()[0].startswith('layer,block,in_channels,groups,kept_per_group')
+  assert len(csv_text.splitlines()) == len(rows) + 1
+  assert (tmp_path / 'layers.md').read_text().count('\n') == len(rows) + 2
+
+
+def test_export_jax_runs_without_this_package(run_dir, tmp_path):
+  workdir, _ = run_dir
+  assert cli.main(['export', str(workdir), '--format', 'jax']) == 0
+  path = workdir / 'export' / 'condensed.jax'
+  meta = json.loads((workdir / 'export' / 'meta.json').read_text())
+  assert meta['image_size'] == 32 and meta['input_dtype'] == 'uint8'
+  assert meta['jax']['input_shape'] == ['batch', 32, 32, 3]
+  assert meta['class_names'] == [str(i) for i in range(10)]
+  dataset = data.digits()
+  images = dataset.test_images[:7]
+  np.save(tmp_path / 'images.npy', images)
+  script = textwrap.dedent(f"""
+      import sys
+      import jax, numpy as np
+      exported = jax.export.deserialize(bytearray(open({str(path)!r}, 'rb').read()))
+      for n in (7, 1):  # the batch dimension is symbolic
+        images = np.load({str(tmp_path / 'images.npy')!r})[:n]
+        np.save({str(tmp_path)!r} + f'/logits{{n}}.npy', np.asarray(exported.call(images)))
+      assert not any(m.startswith('condensenet_jax') for m in sys.modules), 'imported'
+  """)
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, timeout=300)
+  expected = np.asarray(checkpoint.load_classifier(str(workdir / 'condensed'))(images))
+  for n in (7, 1):
+    logits = np.load(tmp_path / f'logits{n}.npy')
+    np.testing.assert_allclose(logits, expected[:n], rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_export_tflite_matches_jax_on_the_digits_test_set(run_dir):
+  tf = pytest.importorskip('tensorflow')
+  workdir, _ = run_dir
+  assert cli.main(['export', str(workdir), '--format', 'tflite']) == 0
+  meta = json.loads((workdir / 'export' / 'meta.json').read_text())
+  assert meta['tflite']['input_shape'] == [1, 32, 32, 3]
+  interpreter = tf.lite.Interpreter(model_path=str(workdir / 'export' / 'condensed.tflite'))
+  interpreter.allocate_tensors()
+  source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+  dataset = data.digits()
+  classifier = checkpoint.load_classifier(str(workdir / 'condensed'))
+  expected = np.asarray(classifier(dataset.test_images))
+  logits = []
+  for image in dataset.test_images:
+    interpreter.set_tensor(source['index'], image[None])
+    interpreter.invoke()
+    logits.append(interpreter.get_tensor(sink['index'])[0])
+  logits = np.stack(logits)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_predict_image_files(run_dir, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  dataset = data.digits()
+  for i in range(3):
+    Image.fromarray(dataset.test_images[i]).save(tmp_path / f'digit{i}.png')
+  big = np.kron(dataset.test_images[3], np.ones((3, 3, 1), np.uint8))  # 96x96: resized
+  Image.fromarray(big).save(tmp_path / 'digit3.jpg', quality=100)
+  from condensenet_jax.tools import predict  # pylint: disable=g-import-not-at-top
+  parsed = _parse(predict, [str(workdir), str(tmp_path), '--top-k', '3'])
+  results = predict.run(parsed)
+  assert [pathlib.Path(r['image']).name for r in results] == [
+      'digit0.png', 'digit1.png', 'digit2.png', 'digit3.jpg']
+  expected = np.asarray(checkpoint.load_classifier(str(workdir / 'condensed'))(
+      dataset.test_images[:3])).argmax(-1)
+  assert [r['top'][0]['label'] for r in results[:3]] == list(expected)
+  for r in results:
+    assert len(r['top']) == 3 and r['top'][0]['class'] == str(r['top'][0]['label'])
+    probabilities = [t['probability'] for t in r['top']]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+  assert 'digit0.png: ' in capsys.readouterr().out
+  (tmp_path / 'broken.png').write_bytes(b'not an image')
+  message = _error(capsys, ['predict', str(workdir), str(tmp_path / 'broken.png')])
+  assert 'broken.png cannot be decoded as an image' in message
+
+
+def _parse(module, argv):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser()
+  module.add_arguments(parser)
+  return parser.parse_args(argv)
+
+
+def test_bad_paths_end_in_one_error_line(run_dir, tmp_path, capsys):
+  workdir, _ = run_dir
+  message = _error(capsys, ['evaluate', str(tmp_path / 'nothing')])
+  assert 'is not a run directory' in message
+  half = tmp_path / 'half'
+  (half / 'checkpoints').mkdir(parents=True)
+  assert 'has no checkpoint yet' in _error(capsys, ['evaluate', str(half)])
+  assert 'has no checkpoint yet' in _error(capsys, ['inspect', str(half)])
+  message = _error(capsys, ['evaluate', str(workdir), '--dataset', 'imagenet2012'])
+  assert 'takes 32x32 images in 10 classes, but imagenet2012 has 224x224' in message
+  assert 'holds no condensed model' in _error(capsys, ['export', str(half), '--format', 'jax'])
+  assert not (half / 'export').exists() and not (half / 'eval.json').exists()
+
+
+def test_every_command_has_help():
+  for command in cli.COMMANDS:
+    out = subprocess.run([sys.executable, '-m', 'condensenet_jax', command, '--help'],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
+    assert out.stdout.startswith('usage: python -m condensenet_jax ' + command)
+
+
+def test_flops_per_layer_add_up():
+  for model in (models.CondenseNet86(), models.CondensedCondenseNet.from_model(
+      models.CondenseNet86()), models.DenseNetBC100()):
+    rows = flops.per_layer(model, 32)
+    assert sum(r['flops'] for r in rows) == flops.count(model, 32)[0]
+    assert sum(r['params'] for r in rows) == flops.count(model, 32)[1]
+    assert sum(r['multiply_adds'] for r in rows) == flops.multiply_adds(model, 32)
