@@ -3,6 +3,8 @@ once the package is installed).
 
     evaluate  top-1, top-5, loss, FLOPs and speed of a run, a condensed model or an official file
     inspect   a per-layer table: channels, groups, inputs kept, FLOPs and params in both forms
+    plot      training curves, the learned connectivity map, inputs kept per group (PNG)
+    compare   runs that differ only in the seed, grouped: mean +- std of their results
     export    the condensed model as a jax.export artifact or a TFLite file, preprocessing inside
     predict   classify image files with a condensed model or an exported artifact
 
@@ -17,8 +19,8 @@ import sys
 from typing import Optional
 
 # command -> module of condensenet_jax.tools with `HELP`, `add_arguments(parser)`, `run(args)`
-COMMANDS = {'evaluate': 'evaluate', 'inspect': 'inspection', 'export': 'export',
-            'predict': 'predict'}
+COMMANDS = {'evaluate': 'evaluate', 'inspect': 'inspection', 'plot': 'plot',
+            'compare': 'compare', 'export': 'export', 'predict': 'predict'}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from condensenet_jax import (checkpoint, condense, data, evaluation, flops, models, preemption,
-                             recipe, reporting, startup, validation)
+from condensenet_jax import (checkpoint, condense, data, evaluation, flops, models, plots,
+                             preemption, recipe, reporting, startup, validation)
 
 AXIS = 'batch'
 
@@ -364,6 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if lead:
       path = reporting.write_summary(workdir, writer, summary, run.total_steps)
       log(f'summary written to {path}')
+      drawn = plots.write_all(workdir, model, jax.device_get(state.variables()),
+                              summary.get('condensing_event_steps'))
+      log(f'pictures: {", ".join(os.path.basename(p) for p in drawn)} in {workdir}')
     return summary
   finally:
     ckpt.wait()

@@ -204,3 +204,62 @@ def test_flops_per_layer_add_up():
     assert sum(r['flops'] for r in rows) == flops.count(model, 32)[0]
     assert sum(r['params'] for r in rows) == flops.count(model, 32)[1]
     assert sum(r['multiply_adds'] for r in rows) == flops.multiply_adds(model, 32)
+
+
+def _tiny_run(workdir, seed=0, growth=(4, 8, 8)):
+  config = digits_config.get_config()
+  config.num_epochs = 1
+  config.model.stages = (1, 1, 1)
+  config.model.growth = growth
+  config.eval_every_epochs = 0
+  config.seed = seed
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def test_training_draws_its_pictures(run_dir):
+  workdir, _ = run_dir
+  for name in ('curves.png', 'connectivity.png', 'kept_per_group.png'):
+    assert (workdir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+
+
+def test_connectivity_maps_account_for_every_input():
+  from condensenet_jax import condense, plots  # pylint: disable=g-import-not-at-top
+  model = models.CondenseNetTiny(stages=(3, 3, 3))
+  variables = models.init_variables(model, seed=0)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
+  maps = plots.connectivity_maps(model, masks, variables['params'])
+  assert sorted(maps) == [1, 2, 3]
+  for block, (kept, weight) in maps.items():
+    assert kept.shape == weight.shape == (3, 3)
+    growth = model.growth[block - 1]
+    first = models.num_final_channels(model.stages[:block - 1], model.growth[:block - 1]) \
+        if block > 1 else 2 * model.growth[0]
+    for row in range(3):  # fully condensed: a quarter of every layer's connections is kept
+      widths = [first] + [growth] * row
+      read = sum(k * w for k, w in zip(kept[row], widths))
+      assert read == pytest.approx(sum(widths) / model.condense_factor)
+      assert np.isnan(kept[row, row + 2:]).all()  # later layers are not inputs
+      assert (weight[row, :row + 1] >= 0).all()
+
+
+def test_plot_and_compare_commands(run_dir, tmp_path, capsys):
+  workdir, summary = run_dir
+  out = tmp_path / 'pictures'
+  assert cli.main(['plot', str(workdir), '--out', str(out)]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ['connectivity.png', 'curves.png',
+                                                    'kept_per_group.png']
+  others = [_tiny_run(tmp_path / f'seed{s}', seed=s) for s in (1, 2)]
+  _tiny_run(tmp_path / 'wider', growth=(8, 8, 8))
+  from condensenet_jax.tools import compare  # pylint: disable=g-import-not-at-top
+  runs = [str(workdir), str(tmp_path / 'seed1'), str(tmp_path / 'seed2'), str(tmp_path / 'wider')]
+  rows = compare.run(_parse(compare, runs + ['--csv', str(tmp_path / 'c.csv'),
+                                             '--plot', str(tmp_path / 'c.png')]))
+  assert [r['seeds'] for r in rows] == [3, 1]
+  accuracies = np.array([summary['accuracy']] + [o['accuracy'] for o in others])
+  assert rows[0]['accuracy'] == f'{accuracies.mean():.4f} +- {accuracies.std(ddof=1):.4f}'
+  assert rows[0]['flops'] == summary['flops'] and rows[1]['flops'] != summary['flops']
+  assert (tmp_path / 'c.csv').read_text().splitlines()[0].startswith('group,runs,seeds,accuracy')
+  assert (tmp_path / 'c.png').read_bytes()[:4] == b'\x89PNG'
+  assert '| group | runs | seeds | accuracy |' in capsys.readouterr().out
+  message = _error(capsys, ['compare', str(workdir), str(tmp_path / 'nothing')])
+  assert 'has no summary.json' in message

@@ -1,4 +1,4 @@
-"""Evaluates a run, a condensed model or an official file on a test set.
+r"""Evaluates a run, a condensed model or an official file on a test set.
 
     python -m condensenet_jax evaluate runs/digits
     python -m condensenet_jax evaluate runs/c10/condensed --dataset cifar10

@@ -1,0 +1,50 @@
+"""Draws a run's pictures: training curves, the learned connectivity, inputs kept per group.
+
+    python -m condensenet_jax plot runs/digits
+
+Writes `curves.png` (training loss, training and test accuracy, learning rate, with the
+condensing stages and events marked) and, from the latest checkpoint's masks,
+`connectivity.png` (for every dense block, which earlier layers' features each layer still
+reads: the fraction of connections kept and their mean absolute weight) and
+`kept_per_group.png` into the workdir (`--out` elsewhere). Training draws them at its end.
+"""
+
+import json
+import os
+
+from condensenet_jax import artifacts, plots
+
+HELP = 'training curves, the learned connectivity map and inputs kept per group, as PNG'
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('workdir', help='a --workdir of train.py')
+  parser.add_argument('--out', default=None, help='directory for the PNG files (default: the '
+                      'workdir)')
+
+
+def run(args) -> list[str]:
+  if artifacts.kind(args.workdir) != 'workdir':
+    raise ValueError(f'{args.workdir} is not a run directory (no checkpoints/ or summary.json); '
+                     'give a --workdir of train.py.')
+  item = artifacts.load(args.workdir, forms=('trained',))[0]
+  out = args.out or args.workdir
+  os.makedirs(out, exist_ok=True)
+  summary = os.path.join(args.workdir, 'summary.json')
+  events = None
+  if os.path.isfile(summary):
+    with open(summary) as f:
+      events = json.load(f).get('condensing_event_steps')
+  records = plots.read_metrics(args.workdir)
+  title = f'{type(item.model).__name__} {list(item.model.stages)}x{list(item.model.growth)}'
+  written = [plots.curves(records, os.path.join(out, 'curves.png'), title, events)]
+  masks = item.variables.get('masks')
+  if masks:
+    written.append(plots.connectivity(item.model, masks, item.variables['params'],
+                                      os.path.join(out, 'connectivity.png'),
+                                      f'{title}, step {item.step}'))
+    written.append(plots.kept_per_group(masks, os.path.join(out, 'kept_per_group.png'),
+                                        f'{title}, step {item.step}'))
+  for path in written:
+    print(path)
+  return written
