@@ -306,3 +306,18 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
                                     'custom-call:__cudnn$convForward',
                                     'jit(f)/conv_general_dilated')
   assert table['d'] == ('f32[4,2]{1,0}', 'dot', 'jit(f)/dot_general')
+
+
+@pytest.mark.slow
+def test_latency_times_every_form_from_the_same_weights(tiny_config):
+  from benchmarks import latency  # pylint: disable=g-import-not-at-top
+  result = latency.main(['--config', tiny_config, '--batch-sizes', '1,3', '--repeats', '2',
+                         '--warmup', '1'])
+  forms = ('masked', 'masked_folded', 'condensed', 'condensed_folded', 'exported', 'tflite')
+  assert set(result) == set(forms) | {'ratios'}
+  for form in forms:
+    assert set(result[form]) == {'1', '3'} and min(result[form].values()) > 0, form
+  for batch in ('1', '3'):
+    best = min(result[f][batch] for f in forms[2:])
+    assert result['ratios'][batch]['best_condensed_over_masked'] == pytest.approx(
+        best / result['masked'][batch])

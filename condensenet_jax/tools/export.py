@@ -73,8 +73,10 @@ def export_tflite(item: artifacts.Loaded, path: str, batch_size: int = 1) -> dic
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   size = item.preprocessing['image_size']
-  # The TFLite runtime takes no scatter of the gather-free form: the gathers are kept.
-  fn = serving_function(item, Execution(backend='cpu', condensed_gathers='keep', eval_chunk=0))
+  # The TFLite runtime takes no scatter of the gather-free form: the gathers are kept. Its
+  # grouped convolutions (XNNPACK) beat the block-diagonal form: docs/performance.md#latency.
+  fn = serving_function(item, Execution(backend='cpu', condensed_gathers='keep',
+                                        conv_lowering='grouped', eval_chunk=0))
   signature = [tf.TensorSpec((batch_size, size, size, 3), tf.uint8, name='images')]
   module = tf.Module()
   module.serve = tf.function(jax2tf.convert(fn, with_gradient=False),
