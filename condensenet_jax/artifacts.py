@@ -1,4 +1,4 @@
-"""What the tools read: a run's workdir, a condensed model directory, an official `.pth` file.
+"""What the tools read: a run's workdir, a condensed model directory, official weights.
 
 `load(path)` returns the models a path holds, each as a `Loaded`: the model, its variables as
 host arrays, the evaluation preprocessing it was trained with (when known) and where results
@@ -9,6 +9,7 @@ ValueError whose message is one line naming the problem and the fix.
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Optional
 
 import ml_collections
@@ -41,10 +42,15 @@ class Loaded:
   step: Optional[int] = None
 
 
+# Files of official weights: PyTorch checkpoints, or a state dict saved as numpy arrays under
+# the official key names.
+OFFICIAL_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.npz')
+
+
 def kind(path: str) -> str:
-  """'workdir', 'condensed', 'pth' or 'missing' for `path`."""
-  if os.path.isfile(path) and path.endswith(('.pth', '.pth.tar', '.pt')):
-    return 'pth'
+  """'workdir', 'condensed', 'official' or 'missing' for `path`."""
+  if os.path.isfile(path) and path.endswith(OFFICIAL_SUFFIXES):
+    return 'official'
   if os.path.isfile(os.path.join(path, 'model.json')):
     return 'condensed'
   if os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isfile(
@@ -60,10 +66,11 @@ def load(path: str, model_name: Optional[str] = None, num_classes: Optional[int]
   - A workdir: its latest checkpoint in the training form and its `condensed/` export (when
     the run has finished).
   - A condensed model directory (`model.json` + `variables.npz`).
-  - An official `.pth` / `.pth.tar` file (needs PyTorch; `model_name` names the architecture,
-    a named variant of `models` such as 'CondenseNet86' or 'CondenseNet74_C4', and
-    `num_classes` overrides its class count); the training or the converted form, whichever
-    the file holds.
+  - Official weights: a `.pth` / `.pth.tar` file (needs PyTorch) or a `.npz` of the official
+    key names. `model_name` names the architecture: a named variant of `models` such as
+    'CondenseNet86' or 'CondenseNet74_C4', or a JSON file of `CondenseNet` fields (other
+    keys are ignored); `num_classes` overrides its class count. The training or the
+    converted form, whichever the file holds.
 
   Raises:
     ArtifactError: the path does not exist or holds none of these, a workdir has no complete
@@ -73,10 +80,10 @@ def load(path: str, model_name: Optional[str] = None, num_classes: Optional[int]
   if found == 'missing':
     raise ArtifactError(
         f'{path} is not a run directory (no checkpoints/ or summary.json), a condensed model '
-        '(no model.json) or an official .pth file; give a --workdir of train.py, its '
-        'condensed/ directory, or a .pth file.')
-  if found == 'pth':
-    return [_load_pth(path, model_name, num_classes)]
+        f'(no model.json) or official weights ({", ".join(OFFICIAL_SUFFIXES)}); give a '
+        '--workdir of train.py, its condensed/ directory, or a weights file.')
+  if found == 'official':
+    return [_load_official(path, model_name, num_classes)]
   if found == 'condensed':
     return [_load_condensed(path)]
   loaded = []
@@ -173,21 +180,40 @@ def _load_condensed(directory: str) -> Loaded:
                 (preprocessing or {}).get('dataset'), directory, directory)
 
 
-def _load_pth(path: str, model_name: Optional[str], num_classes: Optional[int]) -> Loaded:
+def _architecture(model_name: Optional[str], path: str, num_classes: Optional[int]):
+  """The training-form model `model_name` names: a variant of `models` or a JSON file."""
   if not model_name:
-    raise ArtifactError(f'{path}: an official file does not say its architecture; name it with '
+    raise ArtifactError(f'{path}: official weights do not say their architecture; name it with '
                         '--model (a variant of condensenet_jax.models, e.g. CondenseNet86 or '
-                        'CondenseNet74_C4).')
+                        'CondenseNet74_C4, or a JSON file of CondenseNet fields).')
+  overrides = {'num_classes': num_classes} if num_classes else {}
+  if model_name.endswith('.json'):
+    try:
+      with open(model_name) as f:
+        given = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ArtifactError(f'--model {model_name}: cannot be read ({e}).') from None
+    names = {f.name for f in dataclasses.fields(models.CondenseNet)} - set(models.RUNTIME_FIELDS)
+    fields = {k: v for k, v in given.items() if k in names - {'parent', 'name'}}
+    return models.from_architecture(models.CondenseNet, {**fields, **overrides})
   factory = getattr(models, model_name, None)
   if factory is None or model_name.startswith('_'):
     raise ArtifactError(f'--model {model_name}: condensenet_jax.models has no such variant; '
                         'use e.g. CondenseNet86, CondenseNet74_C4, CondenseNet74_C8 or '
-                        'DenseNetBC100.')
-  try:
-    state_dict = torch_import.load_pth(path)
-  except ImportError as e:
-    raise ArtifactError(f'{path}: {e}') from None
-  model = factory(**({'num_classes': num_classes} if num_classes else {}))
+                        'DenseNetBC100, or a JSON file of CondenseNet fields.')
+  return factory(**overrides)
+
+
+def _load_official(path: str, model_name: Optional[str], num_classes: Optional[int]) -> Loaded:
+  model = _architecture(model_name, path, num_classes)
+  if path.endswith('.npz'):
+    with np.load(path) as arrays:
+      state_dict = {k: arrays[k] for k in arrays.files}
+  else:
+    try:
+      state_dict = torch_import.load_pth(path)
+    except ImportError as e:
+      raise ArtifactError(f'{path}: {e}') from None
   converted = any(k.endswith('.index') for k in state_dict)
   try:
     if converted:
@@ -196,10 +222,11 @@ def _load_pth(path: str, model_name: Optional[str], num_classes: Optional[int]) 
     else:
       variables = torch_import.load_state_dict(model, state_dict)
   except torch_import.StateDictError as e:
-    first = str(e).splitlines()
-    raise ArtifactError(f'{path} does not fit {model_name}: {first[1].strip()} ('
-                        f'{first[0].split(": ")[-1]}); check --model and --num-classes.'
-                        ) from None
+    lines = str(e).splitlines()
+    count = re.search(r'(\d+) problem', lines[0])
+    raise ArtifactError(f'{path} does not fit --model {model_name}: {lines[1].strip()} '
+                        f'({count.group(1) if count else "several"} problems in all); check '
+                        '--model and --num-classes.') from None
   directory = os.path.dirname(os.path.abspath(path))
   stats = (model.num_classes, models.default_image_size(model))
   dataset = {(1000, 224): 'imagenet2012', (10, 32): 'cifar10', (100, 32): 'cifar100'}.get(

@@ -344,11 +344,20 @@ def _tf():
 
 def _imagenet_builder(data_dir, name='imagenet2012'):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetUnavailableError(f'{name!r} is not a tfds dataset; name an image '
+                                  'classification dataset of tfds.') from None
   if not builder.is_prepared():
     try:
       builder.download_and_prepare()
     except Exception as e:  # the manual download is missing
+      if name != 'imagenet2012':
+        raise DatasetUnavailableError(
+            f'{name} is not prepared in {data_dir or "the tfds data directory"} and could not '
+            f'be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); prepare it '
+            'with tfds or give --data-dir.') from e
       raise DatasetUnavailableError(
           'ImageNet (imagenet2012) is not prepared and cannot be downloaded automatically: put '
           'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '

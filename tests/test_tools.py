@@ -187,6 +187,8 @@ def test_bad_paths_end_in_one_error_line(run_dir, tmp_path, capsys):
   message = _error(capsys, ['evaluate', str(workdir), '--dataset', 'imagenet2012'])
   assert 'takes 32x32 images in 10 classes, but imagenet2012 has 224x224' in message
   assert 'holds no condensed model' in _error(capsys, ['export', str(half), '--format', 'jax'])
+  message = _error(capsys, ['evaluate', str(workdir), '--dataset', 'no_such_dataset'])
+  assert "'no_such_dataset' is not a tfds dataset" in message
   assert not (half / 'export').exists() and not (half / 'eval.json').exists()
 
 
@@ -263,3 +265,47 @@ def test_plot_and_compare_commands(run_dir, tmp_path, capsys):
   assert '| group | runs | seeds | accuracy |' in capsys.readouterr().out
   message = _error(capsys, ['compare', str(workdir), str(tmp_path / 'nothing')])
   assert 'has no summary.json' in message
+
+
+@pytest.fixture
+def official_converted(tmp_path):
+  """The official code's converted tiny ImageNet model (tests/fixtures/tiny_imagenet_g8) as a
+  .npz state dict, its architecture as JSON, its input and its logits."""
+  fixture = ROOT / 'tests' / 'fixtures' / 'tiny_imagenet_g8'
+  with np.load(f'{fixture}.npz') as arrays:
+    state = {k.removeprefix('converted/'): arrays[k] for k in arrays.files
+             if k.startswith('converted/')}
+    x, logits = arrays['x_nchw'].transpose(0, 2, 3, 1), arrays['converted_logits']
+  np.savez(tmp_path / 'official.npz', **state)
+  return tmp_path / 'official.npz', f'{fixture}.json', x, logits
+
+
+def test_official_converted_weights_through_the_tools(official_converted, capsys):
+  from condensenet_jax import artifacts  # pylint: disable=g-import-not-at-top
+  path, architecture, x, expected = official_converted
+  (item,) = artifacts.load(str(path), model_name=architecture)
+  assert item.form == 'condensed' and item.dataset == 'imagenet2012'
+  logits = item.model.apply(item.variables, x)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  message = _error(capsys, ['evaluate', str(path), '--model', 'CondenseNet74_C8'])
+  assert f'{path} does not fit --model CondenseNet74_C8: ' in message
+  assert 'check --model and --num-classes' in message
+  assert 'name it with --model' in _error(capsys, ['evaluate', str(path)])
+
+
+def test_evaluate_official_weights_on_an_imagenet_format_dataset(official_converted):
+  """The documented command for the released ImageNet checkpoints, run on a tiny tfds dataset
+  in ImageNet's format (images of any size, a 'validation' split) through the real
+  evaluation pipeline."""
+  from tiny_images import tiny_images  # pylint: disable=g-import-not-at-top
+  path, architecture, _, _ = official_converted
+  data_dir = str(path.parent / 'tfds')
+  tiny_images.TinyImages(data_dir=data_dir).download_and_prepare()
+  assert cli.main(['evaluate', str(path), '--model', architecture, '--dataset', 'tiny_images',
+                   '--data-dir', data_dir, '--batch-size', '4']) == 0
+  result = json.loads(path.with_suffix('.eval.json').read_text())['tiny_images']
+  assert result['examples'] == tiny_images.NUM_VALIDATION and result['form'] == 'condensed'
+  assert 0 <= result['top1'] <= result['top5'] <= 1
+  model = models.CondenseNet(stages=(1, 2, 2, 1, 1), growth=(8, 8, 16, 16, 16), group_1x1=8,
+                             group_3x3=8, condense_factor=8, num_classes=1000, stem='imagenet')
+  assert result['flops'] == flops.count(models.CondensedCondenseNet.from_model(model), 224)[0]

@@ -26,7 +26,9 @@ def add_model_arguments(parser) -> None:
 
 
 def dataset_for(item: artifacts.Loaded, name, data_dir) -> data.DataSource:
-  """The test data `item` is evaluated on: `name`, else the dataset it was trained on.
+  """The test data `item` is evaluated on: `name`, else the dataset it was trained on. A
+  name outside `data.DATASETS` is a tfds dataset with a 'validation' split, streamed and
+  center-cropped as ImageNet is (`data.StreamingDataset`).
 
   Raises:
     ValueError: no dataset is known, or its images or classes do not fit the model.
@@ -35,11 +37,18 @@ def dataset_for(item: artifacts.Loaded, name, data_dir) -> data.DataSource:
   name = name or item.dataset
   if not name:
     raise ValueError(f'{item.source} does not say which dataset it was trained on; name it with '
-                     f'--dataset (one of {", ".join(data.DATASETS)}).')
-  if name not in data.DATASETS:
-    raise ValueError(f'--dataset {name}: unknown; use one of {", ".join(data.DATASETS)}.')
-  size, classes = data.SHAPES[name]
+                     f'--dataset (one of {", ".join(data.DATASETS)}, or a tfds dataset with a '
+                     "'validation' split).")
   needed = models.default_image_size(item.model)
+  if name not in data.DATASETS:  # another tfds dataset, evaluated as ImageNet is
+    pre = item.preprocessing or artifacts.known_preprocessing('imagenet2012')
+    dataset = data.StreamingDataset(name=name, data_dir=data_dir, image_size=needed,
+                                    mean=tuple(pre['mean']), std=tuple(pre['std']))
+    if dataset.num_classes > item.model.num_classes:
+      raise ValueError(f'{name} has {dataset.num_classes} classes, more than the '
+                       f'{item.model.num_classes} of {item.source}.')
+    return dataset
+  size, classes = data.SHAPES[name]
   if size != needed or classes != item.model.num_classes:
     raise ValueError(f'{item.source} takes {needed}x{needed} images in '
                      f'{item.model.num_classes} classes, but {name} has {size}x{size} images in '
