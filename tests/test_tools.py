@@ -3,6 +3,7 @@
 their one-line errors."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -164,6 +165,13 @@ def test_predict_image_files(run_dir, tmp_path, capsys):
     probabilities = [t['probability'] for t in r['top']]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
   assert 'digit0.png: ' in capsys.readouterr().out
+  for artifact in ('jax', 'tflite'):  # the exported artifacts classify the same way
+    assert cli.main(['export', str(workdir), '--format', artifact]) == 0
+    again = predict.run(_parse(predict, [str(workdir / 'export' / f'condensed.{artifact}'),
+                                         str(tmp_path), '--top-k', '3']))
+    for a, b in zip(again, results, strict=True):
+      assert [t['label'] for t in a['top']][:1] == [t['label'] for t in b['top']][:1]
+      assert a['top'][0]['probability'] == pytest.approx(b['top'][0]['probability'], abs=1e-4)
   (tmp_path / 'broken.png').write_bytes(b'not an image')
   message = _error(capsys, ['predict', str(workdir), str(tmp_path / 'broken.png')])
   assert 'broken.png cannot be decoded as an image' in message
@@ -309,3 +317,15 @@ def test_evaluate_official_weights_on_an_imagenet_format_dataset(official_conver
   model = models.CondenseNet(stages=(1, 2, 2, 1, 1), growth=(8, 8, 16, 16, 16), group_1x1=8,
                              group_3x3=8, condense_factor=8, num_classes=1000, stem='imagenet')
   assert result['flops'] == flops.count(models.CondensedCondenseNet.from_model(model), 224)[0]
+
+
+def test_the_console_script_and_every_subpackage_are_installed():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())
+  module, _, function = project['project']['scripts']['condensenet'].partition(':')
+  assert getattr(importlib.import_module(module), function) is cli.main
+  packages = {str(p.parent.relative_to(ROOT)).replace(os.sep, '.')
+              for p in (ROOT / 'condensenet_jax').rglob('__init__.py')}
+  assert set(project['tool']['setuptools']['packages']) == packages
+
