@@ -24,7 +24,8 @@ from flax import traverse_util
 from condensenet_jax import models
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the headless Agg backend."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -49,7 +50,7 @@ def curves(records: list[dict[str, Any]], path: str, title: str = '',
            event_steps: Optional[list[int]] = None) -> str:
   """Draws the training curves of `records` (from `read_metrics`) into the PNG `path`;
   `event_steps`: the condensing events (default: where the logged stage changes)."""
-  plt = _pyplot()
+  plt = pyplot()
   train = [r for r in records if r.get('kind') == 'train']
   evals = [r for r in records if r.get('kind') in ('eval', 'final') and 'accuracy' in r]
   steps = np.array([r['step'] for r in train])
@@ -127,7 +128,7 @@ def connectivity_maps(model, masks, params) -> dict[int, tuple[np.ndarray, np.nd
 
 def connectivity(model, masks, params, path: str, title: str = '') -> str:
   """Draws `connectivity_maps` of every dense block into the PNG `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   maps = connectivity_maps(model, masks, params)
   fig, axes = plt.subplots(2, len(maps), figsize=(4.5 * len(maps), 8), squeeze=False)
   for col, (block, (kept, weight)) in enumerate(maps.items()):
@@ -153,7 +154,7 @@ def connectivity(model, masks, params, path: str, title: str = '') -> str:
 def kept_per_group(masks, path: str, title: str = '') -> str:
   """Draws the inputs each group of every learned group convolution keeps (bars; the range
   over groups as error bars) next to its inputs (line) into the PNG `path`."""
-  plt = _pyplot()
+  plt = pyplot()
   names, inputs, low, high = [], [], [], []
   for name, mask in _mask_layers(masks):
     counts = mask.sum(axis=0)
@@ -185,15 +186,19 @@ def _mask_layers(masks) -> list[tuple[str, np.ndarray]]:
 
 
 def write_all(workdir: str, model, variables: dict[str, Any],
-              event_steps: Optional[list[int]] = None) -> list[str]:
-  """Draws the curves of `workdir`'s metrics and, for a model with masks, its connectivity and
-  inputs kept per group, into `workdir`; returns the files written."""
+              event_steps: Optional[list[int]] = None, out: Optional[str] = None,
+              step: Optional[int] = None) -> list[str]:
+  """Draws the curves of `workdir`'s metrics and, for a model with masks (`variables` of
+  training step `step`), its connectivity and inputs kept per group, into `out` (default:
+  `workdir`); returns the files written."""
+  out = out or workdir
   title = f'{type(model).__name__} {list(model.stages)}x{list(model.growth)}'
-  written = [curves(read_metrics(workdir), os.path.join(workdir, 'curves.png'), title,
+  written = [curves(read_metrics(workdir), os.path.join(out, 'curves.png'), title,
                     event_steps)]
   masks = variables.get('masks')
   if masks and isinstance(model, models.CondenseNet):
+    title += f', step {step}' if step is not None else ''
     written.append(connectivity(model, masks, variables['params'],
-                                os.path.join(workdir, 'connectivity.png'), title))
-    written.append(kept_per_group(masks, os.path.join(workdir, 'kept_per_group.png'), title))
+                                os.path.join(out, 'connectivity.png'), title))
+    written.append(kept_per_group(masks, os.path.join(out, 'kept_per_group.png'), title))
   return written

@@ -68,6 +68,13 @@ def replicated(mesh: Mesh, variables):
   return jax.device_put(variables, NamedSharding(mesh, P()))
 
 
+def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+  """`rows` as a markdown table of `columns`, one line a row."""
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(str(r[c]) for c in columns) + ' |' for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
 def merge_json(path: str, updates: dict[str, Any]) -> None:
   """Sets the keys of `updates` in the JSON object at `path` (made if missing) and writes it
   back whole; other keys are kept. Written to a temporary name first, then renamed."""

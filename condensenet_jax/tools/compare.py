@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from condensenet_jax import artifacts
+from condensenet_jax.tools import common
 
 HELP = 'group runs that differ only in the seed; mean +- std of their results'
 
@@ -98,15 +99,9 @@ def groups(workdirs: list[str]) -> list[dict]:
   return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  lines += ['| ' + ' | '.join(str(r[c]) for c in COLUMNS) + ' |' for r in rows]
-  return '\n'.join(lines) + '\n'
-
-
 def _plot(rows: list[dict], path: str) -> None:
   from condensenet_jax import plots  # pylint: disable=g-import-not-at-top
-  plt = plots._pyplot()  # pylint: disable=protected-access
+  plt = plots.pyplot()
   fig, ax = plt.subplots(figsize=(max(5, 2 * len(rows)), 4))
   x = np.arange(len(rows))
   for offset, (index, label) in zip((-0.2, 0.2), enumerate(('trained', 'condensed'))):
@@ -124,7 +119,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 def run(args) -> list[dict]:
   rows = groups(args.workdirs)
-  print(to_markdown(rows), end='')
+  print(common.markdown_table(rows, COLUMNS), end='')
   if args.csv:
     with open(args.csv, 'w', newline='') as f:
       writer = csv.DictWriter(f, COLUMNS, extrasaction='ignore')

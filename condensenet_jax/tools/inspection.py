@@ -93,12 +93,6 @@ def to_csv(rows: list[dict]) -> str:
   return out.getvalue()
 
 
-def to_markdown(rows: list[dict]) -> str:
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  lines += ['| ' + ' | '.join(str(r[c]) for c in COLUMNS) + ' |' for r in rows]
-  return '\n'.join(lines) + '\n'
-
-
 def run(args) -> list[dict]:
   items = artifacts.load(args.path, args.model, args.num_classes)
   item = items[0]  # a workdir: its trained form, whose condensed columns follow from it
@@ -106,10 +100,10 @@ def run(args) -> list[dict]:
   out = args.out or (item.directory if not os.path.isfile(item.source)
                      else os.path.dirname(os.path.abspath(item.source)))
   os.makedirs(out, exist_ok=True)
-  for name, text in (('layers.csv', to_csv(rows)), ('layers.md', to_markdown(rows))):
+  for name, text in (('layers.csv', to_csv(rows)), ('layers.md', common.markdown_table(rows, COLUMNS))):
     with open(os.path.join(out, name), 'w') as f:
       f.write(text)
   print(f'{item.form} model from {item.source}: {models.describe(item.model)}')
-  print(to_markdown(rows), end='')
+  print(common.markdown_table(rows, COLUMNS), end='')
   print(f'written to {os.path.join(out, "layers.csv")} and layers.md')
   return rows

@@ -35,16 +35,7 @@ def run(args) -> list[str]:
   if os.path.isfile(summary):
     with open(summary) as f:
       events = json.load(f).get('condensing_event_steps')
-  records = plots.read_metrics(args.workdir)
-  title = f'{type(item.model).__name__} {list(item.model.stages)}x{list(item.model.growth)}'
-  written = [plots.curves(records, os.path.join(out, 'curves.png'), title, events)]
-  masks = item.variables.get('masks')
-  if masks:
-    written.append(plots.connectivity(item.model, masks, item.variables['params'],
-                                      os.path.join(out, 'connectivity.png'),
-                                      f'{title}, step {item.step}'))
-    written.append(plots.kept_per_group(masks, os.path.join(out, 'kept_per_group.png'),
-                                        f'{title}, step {item.step}'))
+  written = plots.write_all(args.workdir, item.model, item.variables, events, out, item.step)
   for path in written:
     print(path)
   return written
