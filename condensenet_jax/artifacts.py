@@ -137,6 +137,10 @@ def _load_checkpoint(workdir: str) -> Loaded:
   ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:
     state, _ = ckpt.restore(step)
+  except Exception as e:  # pylint: disable=broad-except  # orbax: truncated or damaged
+    raise ArtifactError(f'{workdir}/checkpoints/{step} cannot be read ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0][:200]}); resuming the run moves it aside '
+                        'and uses the one before.') from None
   finally:
     ckpt.close()
   variables = {c: state[c] for c in ('params', 'batch_stats', 'masks') if state.get(c)}

@@ -5,6 +5,7 @@ their one-line errors."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -195,6 +196,10 @@ def test_bad_paths_end_in_one_error_line(run_dir, tmp_path, capsys):
   message = _error(capsys, ['evaluate', str(workdir), '--dataset', 'imagenet2012'])
   assert 'takes 32x32 images in 10 classes, but imagenet2012 has 224x224' in message
   assert 'holds no condensed model' in _error(capsys, ['export', str(half), '--format', 'jax'])
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(workdir / 'checkpoints' / '23', damaged / 'checkpoints' / '23')
+  shutil.rmtree(damaged / 'checkpoints' / '23' / 'state')
+  assert 'checkpoints/23 cannot be read' in _error(capsys, ['evaluate', str(damaged)])
   message = _error(capsys, ['evaluate', str(workdir), '--dataset', 'no_such_dataset'])
   assert "'no_such_dataset' is not a tfds dataset" in message
   assert not (half / 'export').exists() and not (half / 'eval.json').exists()
