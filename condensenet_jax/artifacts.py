@@ -101,23 +101,36 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     ArtifactError: no complete checkpoint.
   """
-  return ml_collections.ConfigDict(_latest_meta(workdir)[1]['config'])
+  return ml_collections.ConfigDict(_read_latest(workdir)[1]['config'])
 
 
-def _latest_meta(workdir: str) -> tuple[int, dict[str, Any]]:
+def _read_latest(workdir: str, with_state: bool = False) -> tuple[int, dict[str, Any], Any]:
+  """`(step, meta, state)` of the latest checkpoint of `workdir` whose meta can be read;
+  `state` (nested dicts of arrays) only `with_state`, else None. Reads; never writes."""
   directory = os.path.join(workdir, 'checkpoints')
-  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True) \
-      if os.path.isdir(directory) else []
-  if not steps:
-    raise ArtifactError(f'{workdir} has no checkpoint yet (nothing in {directory}); train '
-                        f'first: python train.py --config CONFIG --workdir {workdir}')
+  no_checkpoint = ArtifactError(f'{workdir} has no checkpoint yet (nothing in {directory}); '
+                                f'train first: python train.py --config CONFIG --workdir '
+                                f'{workdir}')
+  if not os.path.isdir(directory):  # the manager would make it
+    raise no_checkpoint
   ckpt = checkpoint.Checkpoints(directory)
   try:
+    steps = ckpt.all_steps()[::-1]
+    if not steps:
+      raise no_checkpoint
     for step in steps:
       try:
-        return step, ckpt.meta(step)
+        meta = ckpt.meta(step)
       except Exception:  # pylint: disable=broad-except  # a half-written checkpoint
         continue
+      if not with_state:
+        return step, meta, None
+      try:
+        return step, meta, ckpt.restore(step)[0]
+      except Exception as e:  # pylint: disable=broad-except  # orbax: truncated or damaged
+        raise ArtifactError(f'{directory}/{step} cannot be read ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:200]}); resuming the run moves it '
+                            'aside and uses the one before.') from None
   finally:
     ckpt.close()
   raise ArtifactError(f'no checkpoint in {directory} is complete ({steps} are half-written); '
@@ -126,7 +139,7 @@ def _latest_meta(workdir: str) -> tuple[int, dict[str, Any]]:
 
 
 def _load_checkpoint(workdir: str) -> Loaded:
-  step, meta = _latest_meta(workdir)
+  step, meta, state = _read_latest(workdir, with_state=True)
   cls = getattr(models, meta.get('model', ''), None)
   if cls is None or 'model_fields' not in meta:
     raise ArtifactError(f'{workdir}/checkpoints/{step} names no model this version knows '
@@ -134,17 +147,7 @@ def _load_checkpoint(workdir: str) -> Loaded:
   config = ml_collections.ConfigDict(meta['config'])
   model = models.from_architecture(cls, meta['model_fields'],
                                    dtype=recipe.compute_dtype(config))
-  ckpt = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  try:
-    state, _ = ckpt.restore(step)
-  except Exception as e:  # pylint: disable=broad-except  # orbax: truncated or damaged
-    raise ArtifactError(f'{workdir}/checkpoints/{step} cannot be read ({type(e).__name__}: '
-                        f'{str(e).splitlines()[0][:200]}); resuming the run moves it aside '
-                        'and uses the one before.') from None
-  finally:
-    ckpt.close()
-  variables = {c: state[c] for c in ('params', 'batch_stats', 'masks') if state.get(c)}
-  variables = {c: _numpy(v) for c, v in variables.items()}
+  variables = {c: _numpy(state[c]) for c in ('params', 'batch_stats', 'masks') if state.get(c)}
   return Loaded('trained', model, variables, _preprocessing_of(config.dataset, workdir),
                 config.dataset, workdir, f'{workdir}/checkpoints/{step}', step)
 

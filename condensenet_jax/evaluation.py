@@ -67,10 +67,10 @@ def shard_batch(mesh: Mesh, axis_name: str, arrays: dict[str, np.ndarray]):
 
 
 def run_eval(fn: Callable, variables, batches: Iterable, mesh: Mesh, axis_name: str,
-             progress: Optional[Callable[[int, dict], None]] = None) -> dict[str, float]:
+             progress: Optional[Callable[[int], None]] = None) -> dict[str, float]:
   """`summarize` of `fn` (from `compile_eval`) over `batches` of `(images, labels, valid)`,
   with `img_per_s`, the examples a second after the first batch (which compiles).
-  `progress(batches_done, results_so_far)` is called after each batch."""
+  `progress(batches_done)` is called after each batch."""
   results, started, first = [], None, 0.0
   for i, (images, labels, valid) in enumerate(batches, start=1):
     out = fn(variables, shard_batch(mesh, axis_name,
@@ -80,7 +80,7 @@ def run_eval(fn: Callable, variables, batches: Iterable, mesh: Mesh, axis_name: 
       jax.block_until_ready(out)
       started, first = time.perf_counter(), float(np.sum(valid))
     if progress is not None:
-      progress(i, out)
+      progress(i)
   summary = summarize(results)
   seconds = time.perf_counter() - started if started is not None else 0.0
   timed = summary['examples'] - first

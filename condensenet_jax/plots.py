@@ -88,16 +88,16 @@ def curves(records: list[dict[str, Any]], path: str, title: str = '',
   return path
 
 
-def _layers(masks, kernels) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
-  """`{block: [(layer, mask (in, G), kernel (in, out)), ...]}` of the learned group
-  convolutions, layers in order."""
-  flat_masks = traverse_util.flatten_dict(masks)
-  flat_kernels = traverse_util.flatten_dict(kernels)
+def _layers(masks, kernels=None) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+  """`{block: [(layer, mask (in, G), kernel (in, out) or None), ...]}` of the learned group
+  convolutions, blocks and layers in order; kernels from `kernels` (params) when given."""
+  flat_kernels = traverse_util.flatten_dict(kernels) if kernels is not None else {}
   blocks = {}
-  for key, mask in flat_masks.items():
+  for key, mask in traverse_util.flatten_dict(masks).items():
     block, layer = (int(k.rsplit('_', 1)[1]) for k in key[:2])
-    kernel = np.asarray(flat_kernels[key[:-1] + ('kernel',)])[0, 0]
-    blocks.setdefault(block, []).append((layer, np.asarray(mask), kernel))
+    kernel = flat_kernels.get(key[:-1] + ('kernel',))
+    blocks.setdefault(block, []).append(
+        (layer, np.asarray(mask), None if kernel is None else np.asarray(kernel)[0, 0]))
   return {b: sorted(layers, key=lambda t: t[0]) for b, layers in sorted(blocks.items())}
 
 
@@ -156,12 +156,13 @@ def kept_per_group(masks, path: str, title: str = '') -> str:
   over groups as error bars) next to its inputs (line) into the PNG `path`."""
   plt = pyplot()
   names, inputs, low, high = [], [], [], []
-  for name, mask in _mask_layers(masks):
-    counts = mask.sum(axis=0)
-    names.append(name)
-    inputs.append(mask.shape[0])
-    low.append(counts.min())
-    high.append(counts.max())
+  for block, layers in _layers(masks).items():
+    for layer, mask, _ in layers:
+      counts = mask.sum(axis=0)
+      names.append(f'{block}.{layer}')
+      inputs.append(mask.shape[0])
+      low.append(counts.min())
+      high.append(counts.max())
   fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
   x = np.arange(len(names))
   ax.bar(x, high, label='inputs kept per group')
@@ -176,13 +177,6 @@ def kept_per_group(masks, path: str, title: str = '') -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
-
-
-def _mask_layers(masks) -> list[tuple[str, np.ndarray]]:
-  """`[(block.layer, mask)]` in network order."""
-  flat = traverse_util.flatten_dict(masks)
-  order = sorted(flat, key=lambda k: tuple(int(p.rsplit('_', 1)[1]) for p in k[:2]))
-  return [('.'.join(p.rsplit('_', 1)[1] for p in k[:2]), np.asarray(flat[k])) for k in order]
 
 
 def write_all(workdir: str, model, variables: dict[str, Any],

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from condensenet_jax import artifacts, data, models
 
@@ -17,10 +17,12 @@ AXIS = 'batch'
 def add_model_arguments(parser) -> None:
   """PATH, and `--model` / `--num-classes` for official files."""
   parser.add_argument('path', help='a --workdir of train.py, a condensed model directory '
-                      '(model.json + variables.npz), or an official .pth / .pth.tar file')
+                      '(model.json + variables.npz), or official weights (.pth, .pth.tar, or '
+                      '.npz of the official keys)')
   parser.add_argument('--model', default=None,
-                      help='for an official file: a variant of condensenet_jax.models, e.g. '
-                           'CondenseNet86, CondenseNet74_C4, CondenseNet74_C8')
+                      help='for official weights: a variant of condensenet_jax.models (e.g. '
+                           'CondenseNet86, CondenseNet74_C4, CondenseNet74_C8) or a JSON file '
+                           'of CondenseNet fields')
   parser.add_argument('--num-classes', type=int, default=None,
                       help="for an official file: the number of classes, if not the variant's")
 
@@ -61,11 +63,6 @@ def mesh_and_batch(batch_size: int) -> tuple[Mesh, int]:
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), (AXIS,))
   return mesh, -(-batch_size // len(devices)) * len(devices)
-
-
-def replicated(mesh: Mesh, variables):
-  """Host arrays -> arrays replicated on every device of `mesh`."""
-  return jax.device_put(variables, NamedSharding(mesh, P()))
 
 
 def markdown_table(rows: list[dict], columns: tuple[str, ...]) -> str:

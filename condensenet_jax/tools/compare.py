@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+from flax import traverse_util
 
 from condensenet_jax import artifacts
 from condensenet_jax.tools import common
@@ -36,17 +37,6 @@ def add_arguments(parser) -> None:
   parser.add_argument('--plot', default=None, help='also draw the accuracies into this PNG')
 
 
-def _flatten(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      out.update(_flatten(value, name + '.'))
-    else:
-      out[name] = value
-  return out
-
-
 def _read(workdir: str) -> tuple[dict, dict]:
   path = os.path.join(workdir, 'summary.json')
   if not os.path.isfile(path):
@@ -54,7 +44,7 @@ def _read(workdir: str) -> tuple[dict, dict]:
                      '(run its train.py command again) or leave it out.')
   with open(path) as f:
     summary = json.load(f)
-  config = _flatten(artifacts.run_config(workdir).to_dict())
+  config = traverse_util.flatten_dict(artifacts.run_config(workdir).to_dict(), sep='.')
   return summary, config
 
 

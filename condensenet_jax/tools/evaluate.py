@@ -15,7 +15,9 @@ multiply-adds really executed per image, and images a second. summary.json is ne
 import os
 import time
 
-from condensenet_jax import artifacts, data, evaluation, flops, models, reporting
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from condensenet_jax import artifacts, data, evaluation, flops, models, reporting, train
 from condensenet_jax.tools import common
 
 HELP = 'top-1, top-5, loss, FLOPs and speed of a run, a condensed model or an official file'
@@ -44,9 +46,9 @@ def evaluate(item: artifacts.Loaded, dataset: data.DataSource, batch_size: int,
   bar = reporting.ProgressBar(0, 1, total, every=max(total // 10, 1), enabled=progress,
                               label=f'{item.form} on {dataset.name}')
   started = time.time()
-  result = evaluation.run_eval(fn, common.replicated(mesh, item.variables),
+  result = evaluation.run_eval(fn, train.replicate(item.variables, NamedSharding(mesh, P())),
                                dataset.eval_batches(batch_size), mesh, common.AXIS,
-                               progress=lambda done, _: bar.update(done, {}, done == total))
+                               progress=lambda done: bar.update(done, {}, done == total))
   size = models.default_image_size(model)
   f, p = flops.count(model, size)
   return {'form': item.form, 'source': item.source, 'step': item.step,

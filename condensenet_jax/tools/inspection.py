@@ -97,13 +97,13 @@ def run(args) -> list[dict]:
   items = artifacts.load(args.path, args.model, args.num_classes)
   item = items[0]  # a workdir: its trained form, whose condensed columns follow from it
   rows = table(item)
-  out = args.out or (item.directory if not os.path.isfile(item.source)
-                     else os.path.dirname(os.path.abspath(item.source)))
+  out = args.out or item.directory  # beside the model (an official file's directory)
   os.makedirs(out, exist_ok=True)
-  for name, text in (('layers.csv', to_csv(rows)), ('layers.md', common.markdown_table(rows, COLUMNS))):
+  markdown = common.markdown_table(rows, COLUMNS)
+  for name, text in (('layers.csv', to_csv(rows)), ('layers.md', markdown)):
     with open(os.path.join(out, name), 'w') as f:
       f.write(text)
   print(f'{item.form} model from {item.source}: {models.describe(item.model)}')
-  print(common.markdown_table(rows, COLUMNS), end='')
+  print(markdown, end='')
   print(f'written to {os.path.join(out, "layers.csv")} and layers.md')
   return rows
