@@ -64,6 +64,10 @@ def parse_args(argv=None, parser=None, **defaults):
   parser.add_argument('--condensed-gathers', default=None,
                       help="config.execution.condensed_gathers: 'keep' or 'skip' the condensed "
                            "model's channel gathers (default: the config's, 'auto')")
+  parser.add_argument('--condensed-layout', default=None,
+                      help="config.execution.condensed_layout: 'channels_last' or "
+                           "'channel_major' condensed dense blocks in eval mode (default: the "
+                           "config's, 'auto')")
   parser.add_argument('--group-lasso', type=float, default=1e-5,
                       help='lambda used in train mode when the config has none (0: off)')
   parser.add_argument('--cpu-convolutions', choices=('xla', 'ynnpack'), default=None,
@@ -128,6 +132,7 @@ def execution_used(model, mode: str) -> dict:
   used = {'conv_lowering_used': policy.lowering(),
           'dense_block_form_used': policy.dense_blocks(train), 'condensed_conv_used': None}
   if mode == 'infer_condensed':
+    used['condensed_layout_used'] = policy.condensed_blocks(train=False)
     stride, _ = models.stem_geometry(model.stem)
     side = models.default_image_size(model) // stride
     sides = [side // 2 ** b for b in range(len(model.stages))]
@@ -232,7 +237,8 @@ def prepare(args) -> Prepared:
   config.batch_size = config.eval_batch_size = args.batch_size
   if args.dtype:
     config.dtype = args.dtype
-  for field in ('conv_lowering', 'dense_block_form', 'condensed_gathers', 'cpu_convolutions'):
+  for field in ('conv_lowering', 'dense_block_form', 'condensed_gathers', 'condensed_layout',
+                'cpu_convolutions'):
     if getattr(args, field):
       config.execution[field] = getattr(args, field)
   if args.mode == 'train' and not config.group_lasso:

@@ -21,8 +21,8 @@ apply and memory is returned):
               category of XLA operation (convolution, dot, transpose, elementwise, ...);
   lowerings   (only when asked for) the float32 training step and condensed inference under
               each explicit `conv_lowering` and each explicit `dense_block_form`, and
-              condensed inference with each explicit `condensed_gathers`, to check what 'auto'
-              picks on this backend.
+              condensed inference with each explicit `condensed_gathers` and
+              `condensed_layout`, to check what 'auto' picks on this backend.
 
 Every result is printed and appended to `--out` as soon as it is measured, most wanted first,
 so a run cut short (`--budget` seconds for the whole suite) keeps what it measured; a child
@@ -99,12 +99,13 @@ def plan(args) -> dict:
   official = [o + steps for o in official]
   profile = [['--mode', 'train', '--batch-size', str(small), '--dtype', 'float32', '--steps',
               '1' if args.quick else '3', '--warmup', '1', '--top', '10']]
-  from condensenet_jax.execution import CONDENSED_GATHERS, DENSE_BLOCK_FORMS, LOWERINGS  # pylint: disable=g-import-not-at-top
+  from condensenet_jax.execution import CONDENSED_GATHERS, DENSE_BLOCK_FORMS, LAYOUTS, LOWERINGS  # pylint: disable=g-import-not-at-top
   checked = (train(small, 'float32'), infer('infer_condensed', 'float32'))
   lowerings = ([job + ['--conv-lowering', lowering] for lowering in LOWERINGS for job in checked]
                + [job + ['--dense-block-form', form] for form in DENSE_BLOCK_FORMS
                   for job in checked]
-               + [checked[1] + ['--condensed-gathers', form] for form in CONDENSED_GATHERS])
+               + [checked[1] + ['--condensed-gathers', form] for form in CONDENSED_GATHERS]
+               + [checked[1] + ['--condensed-layout', layout] for layout in LAYOUTS])
   return {'ours': ours, 'ours-fast': fast, 'official': official, 'profile': profile,
           'lowerings': lowerings}
 
@@ -192,7 +193,7 @@ def read_results(path: str) -> list:
 
 
 # The execution choices a row may set explicitly (bench.py's result fields).
-EXECUTION_CHOICES = ('conv_lowering', 'dense_block_form', 'condensed_gathers')
+EXECUTION_CHOICES = ('conv_lowering', 'dense_block_form', 'condensed_gathers', 'condensed_layout')
 
 
 def _precision(r: dict) -> str:

@@ -27,6 +27,7 @@ def default_backend() -> str:
 LOWERINGS = ('grouped', 'block_diagonal', 'per_group')
 CONDENSED_GATHERS = ('keep', 'skip')
 DENSE_BLOCK_FORMS = ('concatenate', 'preallocate')
+LAYOUTS = ('channels_last', 'channel_major')
 CPU_CONVOLUTIONS = ('xla', 'ynnpack')
 
 # On CPU, in eval mode, the condensed model's 1x1 group convolutions over maps of more than
@@ -77,6 +78,8 @@ class Execution:
     `DENSE_BLOCK_FORMS`; `dense_blocks`).
   - `condensed_gathers`: whether the condensed model's 1x1 convolutions gather their kept
     input channels in eval mode ('auto' or one of `CONDENSED_GATHERS`; `condensed_conv`).
+  - `condensed_layout`: the layout the condensed model's dense blocks compute in, in eval mode
+    ('auto' or one of `LAYOUTS`; `condensed_blocks`).
   - `cpu_convolutions`: which kernels run convolutions on a CPU (one of `CPU_CONVOLUTIONS`;
     `compiler_options`).
   - `eval_chunk`: examples per inference pass on each device (0: all; -1: by backend;
@@ -89,6 +92,7 @@ class Execution:
   conv_lowering: str = 'auto'
   dense_block_form: str = 'auto'
   condensed_gathers: str = 'auto'
+  condensed_layout: str = 'auto'
   cpu_convolutions: str = 'xla'
   eval_chunk: int = -1
 
@@ -96,6 +100,7 @@ class Execution:
     _check_choice('conv_lowering', self.conv_lowering, ('auto',) + LOWERINGS)
     _check_choice('dense_block_form', self.dense_block_form, ('auto',) + DENSE_BLOCK_FORMS)
     _check_choice('condensed_gathers', self.condensed_gathers, ('auto',) + CONDENSED_GATHERS)
+    _check_choice('condensed_layout', self.condensed_layout, ('auto',) + LAYOUTS)
     _check_choice('cpu_convolutions', self.cpu_convolutions, CPU_CONVOLUTIONS)
     if not isinstance(self.eval_chunk, int) or self.eval_chunk < -1:
       raise ValueError(f'eval_chunk={self.eval_chunk!r} must be an integer >= -1 (0: the whole '
@@ -104,9 +109,11 @@ class Execution:
   @classmethod
   def from_config(cls, config, backend: Optional[str] = None) -> 'Execution':
     """The `Execution` of `config.execution` (a ConfigDict with this class's fields but
-    `backend`) for `backend`. Raises ValueError as the constructor, naming `config.execution`."""
+    `backend`) for `backend`; a field the config lacks (a config written before the field
+    existed) takes its default. Raises ValueError as the constructor, naming
+    `config.execution`."""
     fields = {f.name: config.execution[f.name] for f in dataclasses.fields(cls)
-              if f.name != 'backend'}
+              if f.name != 'backend' and f.name in config.execution}
     try:
       return cls(backend=backend, **fields)
     except ValueError as e:
@@ -156,6 +163,26 @@ class Execution:
     if self.conv_lowering == 'auto' and cpu:
       return 'per_group' if pixels <= CPU_PER_GROUP_MAX_PIXELS else 'block_diagonal'
     return self.lowering()
+
+  def condensed_blocks(self, train: bool) -> str:
+    """The layout the condensed model's dense blocks compute in (one of `LAYOUTS`).
+
+    'channels_last' is `[n, h, w, c]`, every other choice of this class applying. In
+    'channel_major' (eval mode only) a block's features are one `[c, n, h, w]` buffer: a layer
+    gathers whole rows of it, runs its 1x1 group convolution as one batched matrix product and
+    its 3x3 group convolution as one batched product followed by a sum of shifted maps, with
+    no padding to a dense kernel and no transposes inside the block. Training is always
+    'channels_last'; an explicit `condensed_layout` is used as it is in eval mode; 'auto' is
+    'channel_major' on CPU unless `conv_lowering` or `condensed_gathers` choose a form of the
+    channels-last layout, and 'channels_last' elsewhere.
+    Chosen by measurement: docs/backends.md#condensed-layout."""
+    if train:
+      return 'channels_last'
+    if self.condensed_layout != 'auto':
+      return self.condensed_layout
+    cpu_auto = (self.platform == 'cpu' and self.conv_lowering == 'auto'
+                and self.condensed_gathers == 'auto')
+    return 'channel_major' if cpu_auto else 'channels_last'
 
   def dense_blocks(self, train: bool) -> str:
     """How dense blocks collect their features (one of `DENSE_BLOCK_FORMS`): 'concatenate'

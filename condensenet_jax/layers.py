@@ -86,6 +86,36 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, *,
   return jnp.concatenate([_conv(a, b, strides, padding) for a, b in zip(xs, ks)], axis=-1)
 
 
+def channel_major_conv(x: jax.Array, kernel: jax.Array, groups: int,
+                       padding: int = 0) -> jax.Array:
+  """Stride-1 convolution with `groups` contiguous groups over a channel-major activation:
+  one batched matrix product of all kernel taps, then the sum of the taps' shifted maps.
+
+  Args:
+    x: `[in, n, h, w]`.
+    kernel: `[k, k, in / groups, out]` (the layout of `grouped_conv`).
+    groups: number of groups.
+    padding: zeros on each side of both spatial axes.
+  Returns:
+    `[out, n, h + 2 * padding - k + 1, w + 2 * padding - k + 1]`: `grouped_conv` of the
+    channels-last `x`, transposed the same way.
+  """
+  k, _, per_in, out = kernel.shape
+  _, n, h, w = x.shape
+  per_out = out // groups
+  taps = kernel.reshape(k, k, per_in, groups, per_out).transpose(3, 0, 1, 4, 2)
+  y = jnp.einsum('gti,gip->gtp', taps.reshape(groups, k * k * per_out, per_in),
+                 x.reshape(groups, per_in, n * h * w))
+  y = y.reshape(groups, k * k * per_out, n, h, w)  # at most 5-D: TFLite's limit for a pad
+  if padding:
+    y = jnp.pad(y, [(0, 0)] * 3 + [(padding, padding)] * 2)
+  ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+  tap = lambda dy, dx: slice((dy * k + dx) * per_out, (dy * k + dx + 1) * per_out)
+  out_map = sum(y[:, tap(dy, dx), :, dy:dy + ho, dx:dx + wo]
+                for dy in range(k) for dx in range(k))
+  return out_map.reshape(out, n, ho, wo)
+
+
 def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
   """`x[..., index]`: the kept channels of an NHWC activation."""
   return jnp.take(x, index, axis=-1)
@@ -231,6 +261,27 @@ class BatchNormReLU(nn.Module):
     return jax.nn.relu((x.astype(jnp.float32) - mean) * multiplier + bias).astype(self.dtype)
 
 
+def eval_norm_terms(norm: BatchNormReLU, channels: int, dtype: Any):
+  """The eval-mode BN terms of `norm` over `channels` channels: `(multiplier, mean, bias)`,
+  each `[channels]`, for `norm.normalize` on a slice or another layout of its input."""
+  norm(jnp.zeros((1, channels), dtype))  # binds (or creates) the BN variables; result unused
+  stats, params = norm.variables['batch_stats'], norm.variables['params']
+  return norm.multiplier(stats['var'], params['scale']), stats['mean'], params['bias']
+
+
+def normalize_channel_major(norm: BatchNormReLU, x: jax.Array, terms) -> jax.Array:
+  """Eval-mode `norm` (BN + ReLU) of a channel-major `x` `[c, ...]` with `terms` `[c]`."""
+  column = (-1,) + (1,) * (x.ndim - 1)
+  return norm.normalize(x, *(t.reshape(column) for t in terms))
+
+
+def check_channel_major(train: bool, what: str) -> None:
+  """ValueError naming `what` when a channel-major layer is asked to train."""
+  if train:
+    raise ValueError(f"{what}: layout='channel_major' runs in eval mode only; training "
+                     "computes in layout='channels_last'.")
+
+
 def batch_norm_relu(train: bool, dtype: Any, axis_name: Optional[str],
                     name: str = 'norm') -> BatchNormReLU:
   """The BN + ReLU in front of a convolution: running statistics in eval mode, batch
@@ -244,7 +295,9 @@ class Conv(nn.Module):
 
   Call: `x` `[n, h, w, in]` -> `[n, h', w', features]`; `in` and `features` must be divisible
   by `groups`. `stats`: optional batch statistics of `x` for the BN (see `BatchNormReLU`).
-  `lowering`: see `grouped_conv`.
+  `lowering`: see `grouped_conv`. With `layout='channel_major'` (eval mode, stride 1 only;
+  `execution.Execution.condensed_blocks`) `x` is `[in, n, h, w]` and the result
+  `[features, n, h', w']`, computed by `channel_major_conv`; ValueError in training.
   """
   features: int
   kernel_size: int
@@ -253,15 +306,25 @@ class Conv(nn.Module):
   padding: int = 0
   dtype: Any = jnp.float32
   lowering: str = 'grouped'
+  layout: str = 'channels_last'
   bn_axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
-    in_channels = x.shape[-1]
-    x = batch_norm_relu(train, self.dtype, self.bn_axis_name)(x, stats)
+    channel_major = self.layout == 'channel_major'
+    in_channels = x.shape[0 if channel_major else -1]
+    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
+    if channel_major:
+      check_channel_major(train, 'Conv')
+      if self.strides != 1:
+        raise ValueError(f"Conv: layout='channel_major' computes stride-1 convolutions only; "
+                         f"strides={self.strides} needs layout='channels_last'.")
+      x = normalize_channel_major(norm, x, eval_norm_terms(norm, in_channels, x.dtype))
+      return channel_major_conv(x, kernel.astype(self.dtype), self.groups, self.padding)
+    x = norm(x, stats)
     p = self.padding
     return grouped_conv(x, kernel.astype(self.dtype), self.groups,
                         strides=(self.strides, self.strides), padding=((p, p), (p, p)),
@@ -307,24 +370,32 @@ class CondensedConv(nn.Module):
 
   Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`, where `kept = in * groups /
   condense_factor`; `stats` is accepted for the signature of `LearnedGroupConv` and unused
-  (the gathered channels get their own statistics). Raises ValueError for an unknown `form`
-  and for 'gather_free' in training.
+  (the gathered channels get their own statistics). With `layout='channel_major'` (eval mode
+  only; `execution.Execution.condensed_blocks`) `x` is `[in, n, h, w]`, the result
+  `[features, n, h, w]`, and `form` is not used: the gather takes whole rows and the group
+  convolution is one batched matrix product. Raises ValueError for an unknown `form`, and for
+  'gather_free' or 'channel_major' in training.
   """
   features: int
   groups: int
   condense_factor: int
   dtype: Any = jnp.float32
   form: str = 'grouped'
+  layout: str = 'channels_last'
   bn_axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
     del stats  # gathered channels: the BN computes its own batch statistics
-    kept = x.shape[-1] * self.groups // self.condense_factor
+    channel_major = self.layout == 'channel_major'
+    kept = x.shape[0 if channel_major else -1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
     norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
+    if channel_major:
+      check_channel_major(train, 'CondensedConv')
+      return self._channel_major(x, index.value, norm, kernel)
     if self.form == 'gather_free':
       if train:
         raise ValueError("form='gather_free' runs in eval mode only: in training every copy of "
@@ -344,18 +415,22 @@ class CondensedConv(nn.Module):
     return block_diagonal(kernel, self.groups)[0, 0][:, shuffle_order(self.features,
                                                                       self.groups)]
 
-  @staticmethod
-  def _eval_norm(norm, kept, dtype):
-    """The kept channels' eval-mode BN terms: `(multiplier, mean, bias)`, each `[kept]`."""
-    norm(jnp.zeros((1, kept), dtype))  # binds (or creates) the BN variables; result unused
-    stats, params = norm.variables['batch_stats'], norm.variables['params']
-    return norm.multiplier(stats['var'], params['scale']), stats['mean'], params['bias']
+  def _channel_major(self, x, index, norm, kernel):
+    """Eval mode on `[in, n, h, w]`: gather rows -> BN -> ReLU -> one batched product over
+    the groups -> `[features, n, h, w]`, interleaved (the channel shuffle)."""
+    kept = index.shape[0]
+    h = normalize_channel_major(norm, jnp.take(x, index, axis=0),
+                                eval_norm_terms(norm, kept, x.dtype))
+    per_in, per_out = kept // self.groups, self.features // self.groups
+    weights = kernel[0, 0].reshape(per_in, self.groups, per_out).transpose(1, 2, 0)
+    y = jnp.einsum('goi,gip->gop', weights, h.reshape(self.groups, per_in, -1))
+    return jnp.swapaxes(y, 0, 1).reshape((self.features,) + x.shape[1:])
 
   def _per_group(self, x, index, norm, kernel):
     """Eval mode, group by group: gather -> BN (running statistics) -> ReLU -> matmul; the
     outputs are interleaved at the end, which is the channel shuffle."""
     kept = index.shape[0]
-    terms = self._eval_norm(norm, kept, x.dtype)
+    terms = eval_norm_terms(norm, kept, x.dtype)
     per_in, per_out = kept // self.groups, self.features // self.groups
     outputs = []
     for g in range(self.groups):
@@ -376,7 +451,7 @@ class CondensedConv(nn.Module):
     """
     channels = x.shape[-1]
     scatter = lambda v: jnp.zeros((channels,) + v.shape[1:], v.dtype).at[index]
-    terms = self._eval_norm(norm, index.shape[0], x.dtype)
+    terms = eval_norm_terms(norm, index.shape[0], x.dtype)
     h = norm.normalize(x, *(scatter(t).set(t) for t in terms))
     dense = self._shuffled_dense(kernel)
     return jnp.dot(h, scatter(dense).add(dense))

@@ -86,7 +86,11 @@ class DenseBlock(nn.Module):
   layer's `growth` new channels, in layer order. `form` (one of
   `execution.DENSE_BLOCK_FORMS`, see `Execution.dense_blocks`) says how the features are
   collected. With `share_stats` (training) every channel's batch statistics are computed once,
-  when the channel is made, and handed to the layers that read it.
+  when the channel is made, and handed to the layers that read it. With
+  `layout='channel_major'` (eval mode only; `Execution.condensed_blocks`) the features are one
+  `[c, n, h, w]` buffer, written in place, and the factories must make layers of that layout;
+  `form` is not used. Raises ValueError for an unknown `form` and for 'channel_major' in
+  training.
   """
   num_layers: int
   growth: int
@@ -94,6 +98,7 @@ class DenseBlock(nn.Module):
   conv_1: ModuleDef
   conv_2: ModuleDef
   form: str = 'concatenate'
+  layout: str = 'channels_last'
   share_stats: bool = False
   bn_axis_name: Optional[str] = None
 
@@ -113,6 +118,17 @@ class DenseBlock(nn.Module):
       new = layers.batch_stats(y, self.bn_axis_name)
       return tuple(jnp.concatenate([a, b]) for a, b in zip(stats, new))
 
+    if self.layout == 'channel_major':
+      layers.check_channel_major(train, 'DenseBlock')
+      features = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), [(0, self.num_layers * self.growth)]
+                         + [(0, 0)] * 3)
+      channels = x.shape[-1]
+      for l in range(1, self.num_layers + 1):
+        y = layer(l)(features[:channels], train)
+        features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
+                                                       channels, axis=0)
+        channels += self.growth
+      return jnp.transpose(features, (1, 2, 3, 0))
     if self.form == 'concatenate':
       for l in range(1, self.num_layers + 1):
         y = layer(l)(x, train, stats)
@@ -206,6 +222,11 @@ class CondenseNet(nn.Module):
     """Channels entering the classifier."""
     return num_final_channels(self.stages, self.growth)
 
+  def layout(self, train: bool) -> str:
+    """The layout of the dense blocks: always 'channels_last' for the training form."""
+    del train
+    return 'channels_last'
+
   def conv_1(self, pixels: int, train: bool) -> ModuleDef:
     """Factory of the dense layers' 1x1 convolutions over maps of `pixels` pixels: the
     learned group convolution."""
@@ -224,12 +245,14 @@ class CondenseNet(nn.Module):
   def __call__(self, x, train: bool = False):
     """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
     self.check()
-    conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1)
+    layout = self.layout(train)
+    conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1,
+                               layout=layout)
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
       conv_1 = self.conv_1(x.shape[1] * x.shape[2], train)
       x = DenseBlock(n, k, self.bottleneck, conv_1, conv_2,
-                     form=self.execution.dense_blocks(train),
+                     form=self.execution.dense_blocks(train), layout=layout,
                      share_stats=train and self.shares_batch_stats,
                      bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):  # transition: 2x2 average pooling only
@@ -267,7 +290,12 @@ class CondensedCondenseNet(CondenseNet):
     return functools.partial(layers.CondensedConv, groups=self.group_1x1,
                              condense_factor=self.condense_factor, dtype=self.dtype,
                              form=self.execution.condensed_conv(pixels, train),
-                             bn_axis_name=self.bn_axis_name)
+                             layout=self.layout(train), bn_axis_name=self.bn_axis_name)
+
+  def layout(self, train: bool) -> str:
+    """The layout of the dense blocks, as the execution picks it
+    (`Execution.condensed_blocks`)."""
+    return self.execution.condensed_blocks(train)
 
   def classifier(self, x):
     """Pooled features `[n, num_features]` -> logits `[n, num_classes]`, reading only the

@@ -63,6 +63,7 @@ def get_config():
   config.execution.conv_lowering = 'auto'      # 'grouped', 'block_diagonal' or 'per_group'
   config.execution.dense_block_form = 'auto'   # 'concatenate' or 'preallocate'
   config.execution.condensed_gathers = 'auto'  # condensed model: 'keep' or 'skip' its gathers
+  config.execution.condensed_layout = 'auto'   # condensed, eval: 'channels_last', 'channel_major'
   config.execution.cpu_convolutions = 'xla'    # CPU: XLA's own convolution kernels, or 'ynnpack'
   config.execution.eval_chunk = -1             # examples per inference pass per device; 0: all
   return config

@@ -208,8 +208,11 @@ def test_suite_lowerings_group_times_each_explicit_lowering():
   gathers = [job for job in jobs if '--condensed-gathers' in job]
   assert sorted(job[job.index('--condensed-gathers') + 1] for job in gathers) == sorted(
       execution.CONDENSED_GATHERS)
-  assert {job[1] for job in gathers} == {'infer_condensed'}
-  assert len(jobs) == len(named) + len(forms) + len(gathers)
+  layouts = [job for job in jobs if '--condensed-layout' in job]
+  assert sorted(job[job.index('--condensed-layout') + 1] for job in layouts) == sorted(
+      execution.LAYOUTS)
+  assert {job[1] for job in gathers + layouts} == {'infer_condensed'}
+  assert len(jobs) == len(named) + len(forms) + len(gathers) + len(layouts)
   assert {job[1] for job in jobs} == {'train', 'infer_condensed'}
   assert 'lowerings' not in suite.parse_args([]).groups  # only when asked for
 

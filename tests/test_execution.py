@@ -54,6 +54,18 @@ def test_dense_blocks_rule():
   assert explicit.dense_blocks(train=True) == 'preallocate'
 
 
+def test_condensed_blocks_rule():
+  assert Execution(backend='cpu').condensed_blocks(train=False) == 'channel_major'
+  assert Execution(backend='cpu').condensed_blocks(train=True) == 'channels_last'
+  assert Execution(backend='gpu').condensed_blocks(train=False) == 'channels_last'
+  # A choice of the channels-last forms keeps that layout under 'auto'.
+  for choice in ({'conv_lowering': 'grouped'}, {'condensed_gathers': 'keep'}):
+    assert Execution(backend='cpu', **choice).condensed_blocks(train=False) == 'channels_last'
+  explicit = Execution(backend='gpu', condensed_layout='channel_major')
+  assert explicit.condensed_blocks(train=False) == 'channel_major'
+  assert explicit.condensed_blocks(train=True) == 'channels_last'
+
+
 def test_inference_chunk_and_compiler_options():
   assert Execution(backend='cpu').inference_chunk() == execution.CPU_EVAL_CHUNK
   assert Execution(backend='gpu').inference_chunk() == 0
@@ -65,6 +77,7 @@ def test_inference_chunk_and_compiler_options():
 
 @pytest.mark.parametrize('field,value', [
     ('conv_lowering', 'fast'), ('dense_block_form', 'buffer'), ('condensed_gathers', 'fold'),
+    ('condensed_layout', 'nchw'),
     ('cpu_convolutions', 'mkl'), ('eval_chunk', -2)])
 def test_unknown_choices_are_named(field, value):
   with pytest.raises(ValueError, match=f'{field}={value!r}'):

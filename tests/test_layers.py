@@ -31,6 +31,29 @@ def test_grouped_conv_lowerings_agree(lowering, kernel_size, stride, pad, groups
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('kernel_size,pad,groups', [(1, 0, 4), (3, 1, 4), (3, 0, 2), (3, 1, 1)])
+def test_channel_major_conv_is_the_grouped_conv_transposed(kernel_size, pad, groups):
+  kx, kk = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, 9, 7, 16))
+  kernel = jax.random.normal(kk, (kernel_size, kernel_size, 16 // groups, 24))
+  expected = _reference_grouped_conv(x, kernel, groups, 1, ((pad, pad), (pad, pad)))
+  with jax.default_matmul_precision('highest'):
+    actual = layers.channel_major_conv(jnp.transpose(x, (3, 0, 1, 2)), kernel, groups, pad)
+  np.testing.assert_allclose(jnp.transpose(actual, (1, 2, 3, 0)), expected, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_channel_major_layers_are_eval_only_and_stride_one():
+  x = jnp.ones((8, 1, 4, 4))
+  conv = layers.Conv(features=8, kernel_size=3, groups=2, padding=1, layout='channel_major')
+  variables = conv.init(jax.random.PRNGKey(0), x)
+  assert conv.apply(variables, x).shape == (8, 1, 4, 4)
+  with pytest.raises(ValueError, match="layout='channel_major' runs in eval mode only"):
+    conv.apply(variables, x, train=True, mutable=['batch_stats'])
+  with pytest.raises(ValueError, match="strides=2 needs layout='channels_last'"):
+    conv.clone(strides=2).apply(variables, x)
+
+
 def test_block_diagonal_layout():
   kernel = jnp.arange(1 * 1 * 2 * 6, dtype=jnp.float32).reshape(1, 1, 2, 6) + 1
   dense = np.asarray(layers.block_diagonal(kernel, 3))[0, 0]  # [6, 6]
@@ -79,11 +102,18 @@ def test_condensed_conv_without_its_gather_is_the_same_function():
     for form in ('gather_free', 'block_diagonal', 'per_group'):
       actual = conv.clone(form=form).apply(variables, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=form)
+    channel_major = conv.clone(layout='channel_major').apply(
+        variables, jnp.transpose(x, (3, 0, 1, 2)))
+    np.testing.assert_allclose(jnp.transpose(channel_major, (1, 2, 3, 0)), expected, rtol=1e-5,
+                               atol=1e-5)
   # Every form reads the same variables: the gather-free one is not a different model.
   assert jax.tree.structure(conv.clone(form='gather_free').init(jax.random.PRNGKey(1), x)) == (
       jax.tree.structure(conv.init(jax.random.PRNGKey(1), x)))
   with pytest.raises(ValueError, match="form='gather_free' runs in eval mode only"):
     conv.clone(form='gather_free').apply(variables, x, train=True, mutable=['batch_stats'])
+  with pytest.raises(ValueError, match="CondensedConv: layout='channel_major' runs in eval"):
+    conv.clone(layout='channel_major').apply(variables, jnp.transpose(x, (3, 0, 1, 2)),
+                                             train=True, mutable=['batch_stats'])
 
 
 def test_expand_mask_assigns_output_channel_o_to_group_o_mod_g():

@@ -138,11 +138,12 @@ def test_gather_forms_give_the_same_condensed_model():
   small, small_vars = condense.export(model, {**variables, 'masks': masks}, classifier_keep=1.0)
   with jax.default_matmul_precision('highest'):
     expected = jax.jit(model.apply)({**variables, 'masks': masks}, x)
-    for gathers in ('auto',) + execution.CONDENSED_GATHERS:
-      policy = Execution(condensed_gathers=gathers)
+    policies = [Execution(condensed_gathers=g) for g in ('auto',) + execution.CONDENSED_GATHERS]
+    policies += [Execution(condensed_layout=layout) for layout in execution.LAYOUTS]
+    for policy in policies:
       actual = jax.jit(small.clone(execution=policy).apply)(small_vars, x)
       np.testing.assert_allclose(actual, expected, rtol=1e-5,
-                                 atol=1e-5 * np.abs(expected).max(), err_msg=gathers)
+                                 atol=1e-5 * np.abs(expected).max(), err_msg=str(policy))
 
 
 @pytest.mark.parametrize('form', ['learned', pytest.param('condensed', marks=pytest.mark.slow),
