@@ -2,10 +2,15 @@
 of a condensed training-form model into the inference form.
 
 All functions are pure. `condense_event` and `group_lasso` are jit-able and work on the
-pytrees that `CondenseNet.init` returns; the learned group convolutions are found through the
-`'masks'` collection (`.../conv_1/mask`, shape `(in_channels, groups)`) and their kernels at
-the same path in `params` (`.../conv_1/kernel`, shape `(1, 1, in_channels, out_channels)`).
-Output channel `o` of a layer belongs to group `o % groups`.
+pytrees that `CondenseNet.init` and `CondenseNetV2.init` return; the learned layers are found
+through the `'masks'` collection and their kernels at the same path in `params`:
+
+- a learned group convolution (`.../conv_1/mask`, shape `(in_channels, groups)`; kernel
+  `(1, 1, in_channels, out_channels)`): output channel `o` belongs to group `o % groups`, and
+  each group drops inputs;
+- a sparse feature reactivation (CondenseNetV2; a module named `sfr`, mask `(out_channels,
+  groups)`): input channel `c` belongs to group `c % groups`, and each group drops outputs.
+  It is condensed as the learned group convolution of its transposed kernel.
 """
 
 import functools
@@ -46,8 +51,24 @@ def is_condensing(stage, condense_factor):
   return stage < condense_factor - 1
 
 
+# The module name of CondenseNetV2's sparse feature reactivations, whose masks are over outputs.
+SFR_NAME = 'sfr'
+
+
+def is_sfr(path: tuple[str, ...]) -> bool:
+  """Whether the learned layer at `path` (module path, without the leaf) is an SFR."""
+  return path[-1] == SFR_NAME
+
+
+def _rows(path) -> str:
+  """What the mask rows of the learned layer at `path` are, for messages."""
+  return 'outputs' if is_sfr(path) else 'inputs'
+
+
 def _layers(params, masks):
-  """Yields `(path, kernel [in, out], mask [in, G])` for every learned group convolution."""
+  """Yields `(path, kernel [rows, cols], mask [rows, G])` for every learned layer: a learned
+  group convolution's `[in, out]` kernel, an SFR's transposed (`[out, in]`), so that in both
+  the mask's rows are what its groups drop and column `j` belongs to group `j % G`."""
   flat_params = traverse_util.flatten_dict(params)
   for key, mask in traverse_util.flatten_dict(masks).items():
     path = key[:-1]
@@ -55,7 +76,7 @@ def _layers(params, masks):
     if kernel is None:
       raise ValueError(f"masks hold {'/'.join(path)}/mask but params have no "
                        f"{'/'.join(path)}/kernel; pass params and masks of the same model.")
-    yield path, kernel[0, 0], mask
+    yield path, (kernel[0, 0].T if is_sfr(path) else kernel[0, 0]), mask
 
 
 def _group_sums(values, groups):
@@ -65,19 +86,20 @@ def _group_sums(values, groups):
 
 
 def _by_width(params, masks):
-  """The LGCs grouped by (output width, groups), in model order: the layers of a dense block
-  (or of several blocks with the same growth). Yields `[(path, kernel [in, out],
-  mask [in, G]), ...]` per group."""
+  """The learned layers grouped by (kind, kernel columns, groups), in model order: the LGCs
+  (or the SFRs) of a dense block, or of several blocks with the same growth. Yields
+  `[(path, kernel [rows, cols], mask [rows, G]), ...]` per group (as `_layers`)."""
   blocks = {}
   for layer in _layers(params, masks):
-    _, kernel, mask = layer
-    blocks.setdefault((kernel.shape[1], mask.shape[1]), []).append(layer)
+    path, kernel, mask = layer
+    blocks.setdefault((is_sfr(path), kernel.shape[1], mask.shape[1]), []).append(layer)
   yield from blocks.values()
 
 
 def group_lasso(params, masks, model=None):
-  """Unscaled group-lasso sum over all LGCs: sum over layers, groups g and inputs j of
-  sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)).
+  """Unscaled group-lasso sum over all learned layers: for an LGC, the sum over groups g and
+  inputs j of sqrt(max(sum over g's output channels of (w * mask)^2, 1e-6)); for an SFR the
+  same with inputs and outputs exchanged (the official `lasso_loss` of each).
 
   The train step multiplies it by lambda while `is_condensing(stage)`. The layers are found
   through the masks; `model` is not needed and is accepted so that calls written
@@ -97,19 +119,20 @@ def group_lasso(params, masks, model=None):
   return total
 
 
-def events_done(mask, condense_factor: int):
-  """Condensing events a concrete mask `(in, G)` shows, or raises if it is not one of the
-  masks condensing produces (0/1, every group the same number of inputs, a multiple of in/C)."""
+def events_done(mask, condense_factor: int, what: str = 'inputs'):
+  """Condensing events a concrete mask `(rows, G)` shows, or raises if it is not one of the
+  masks condensing produces (0/1, every group the same number of rows, a multiple of rows/C).
+  `what` names the rows in the message: an LGC's inputs, an SFR's 'outputs'."""
   mask = np.asarray(mask)
-  in_channels, groups = mask.shape
-  delta = in_channels // condense_factor
+  rows, groups = mask.shape
+  delta = rows // condense_factor
   if not np.all((mask == 0) | (mask == 1)):
     raise ValueError('mask entries must be 0 or 1')
-  dropped = in_channels - mask.sum(axis=0)
+  dropped = rows - mask.sum(axis=0)
   if np.any(dropped != dropped[0]) or dropped[0] % delta:
-    raise ValueError(f'groups keep {[int(in_channels - d) for d in dropped]} of {in_channels} '
-                     f'inputs; condensing keeps the same count in every group, dropping '
-                     f'{delta} (= in/C) per event')
+    raise ValueError(f'groups keep {[int(rows - d) for d in dropped]} of {rows} {what}; '
+                     f'condensing keeps the same count in every group, dropping {delta} '
+                     f'(= {what}/C) per event')
   return int(dropped[0]) // delta
 
 
@@ -155,7 +178,9 @@ def _condense_event(params, masks, condense_factor):
 
 def condense_event(params, masks, model):
   """One condensing event: in every LGC, each group drops the `in // C` still-alive inputs
-  with the smallest L1 norm over the group's output channels (ties broken by input index).
+  with the smallest L1 norm over the group's output channels (ties broken by input index);
+  in every SFR (CondenseNetV2) each group drops the `out // C` still-written outputs with the
+  smallest L1 norm over the group's input channels.
 
   Pure and jit-able; one compiled function serves every event. With concrete arrays it raises
   a ValueError when a layer has already had all C-1 events; under jit such a layer is left
@@ -192,7 +217,7 @@ def events_done_per_layer(masks, model) -> dict[str, int]:
   for key, mask in traverse_util.flatten_dict(masks).items():
     name = '/'.join(key[:-1])
     try:
-      out[name] = events_done(mask, model.condense_factor)
+      out[name] = events_done(mask, model.condense_factor, _rows(key[:-1]))
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from None
   return out

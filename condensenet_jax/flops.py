@@ -8,6 +8,13 @@ group convolution counts as its dense convolution divided by the condense factor
 FLOPs and parameters. The numbers are computed from the architecture, for a batch of one
 square image of `image_size` pixels a side.
 
+CondenseNetV2's counter (its own `measure_model`) differs in three places: it counts no bias
+ops for Linear layers (parameters still include the bias), the SE layers count their pooling
+(one op per input element), their two bias-free Linear maps, the ReLU between them and two
+ops per element for the sigmoid (not the scaling), and a sparse feature reactivation counts as
+its dense convolution divided by its condense factor, as a learned group convolution does.
+Hard-swish counts as its ReLU6, one op per element. The residual additions are not counted.
+
 That convention counts the masked training model as if it were already condensed.
 `multiply_adds` gives what each form really executes instead: the multiply-adds of its
 convolutions and classifier, a masked learned group convolution counted dense (its kernel is
@@ -69,10 +76,21 @@ class _Counter:
     self.ops += channels * out * out * window * window
     return out
 
-  def linear(self, in_features, out_features):
+  def linear(self, in_features, out_features, bias=True, bias_ops=True):
+    """A Linear layer; CondenseNetV2's counter leaves out the bias ops (`bias_ops=False`)."""
+    biases = out_features if bias else 0
     self.multiply_adds += in_features * out_features
-    self.ops += in_features * out_features + out_features
-    self.params += in_features * out_features + out_features
+    self.ops += in_features * out_features + (biases if bias_ops else 0)
+    self.params += in_features * out_features + biases
+
+  def squeeze_excite(self, channels, size, reduction):
+    """CondenseNetV2's SE layer on a `size` x `size` map of `channels` channels."""
+    self.ops += channels * size * size  # the average pooling
+    reduced = channels // reduction
+    self.linear(channels, reduced, bias=False)
+    self.relu(reduced, 1)
+    self.linear(reduced, channels, bias=False)
+    self.ops += 2 * channels  # the sigmoid
 
   def head(self, channels, size, pool):
     self.norm(channels)
@@ -110,6 +128,39 @@ def _condensenet(model, image_size):
   return n
 
 
+def _condensenet_v2(model, image_size):
+  model.check()
+  stride, pool = models.stem_geometry(model.stem)
+  n = _Counter()
+  with n.section('init_conv'):
+    size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
+  previous_block = 1
+  for block, layer, in_channels, growth in models.dense_layer_inputs(model.stages,
+                                                                     model.growth):
+    if block != previous_block:  # transition: 2x2 average pooling
+      with n.section(f'transition_{previous_block}'):
+        size = n.avg_pool(in_channels, size, 2, 2)
+      previous_block = block
+    width = model.bottleneck * growth
+    with n.section(f'denseblock_{block}/denselayer_{layer}'):
+      n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
+      n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
+      if block - 1 >= model.se_start_block:
+        n.squeeze_excite(growth, size, 1)
+      n.norm_relu_conv(growth, in_channels, 1, size, divide_by=model.trans_factor)
+  features = model.num_features
+  with n.section('norm_last'):
+    n.head(features, size, pool)
+  with n.section('se_last'):
+    n.squeeze_excite(features, 1, model.last_se_reduction)
+  with n.section('fc'):
+    n.linear(features, model.fc_channel, bias_ops=False)
+    n.relu(model.fc_channel, 1)  # hard-swish
+  with n.section('classifier'):
+    n.linear(model.fc_channel, model.num_classes, bias_ops=False)
+  return n
+
+
 def _densenet(model, image_size):
   stride, pool = models.stem_geometry(model.stem)
   n = _Counter()
@@ -136,17 +187,20 @@ def _densenet(model, image_size):
 def _counted(model, image_size: int, what: str) -> _Counter:
   if isinstance(model, models.CondenseNet):
     return _condensenet(model, image_size)
+  if isinstance(model, models.CondenseNetV2):
+    return _condensenet_v2(model, image_size)
   if isinstance(model, models.DenseNet):
     return _densenet(model, image_size)
-  raise TypeError(f'flops.{what} supports CondenseNet, CondensedCondenseNet and DenseNet, '
-                  f'not {type(model).__name__}.')
+  raise TypeError(f'flops.{what} supports CondenseNet, CondensedCondenseNet, CondenseNetV2 and '
+                  f'DenseNet, not {type(model).__name__}.')
 
 
 def count(model, image_size: int) -> tuple[int, int]:
   """(FLOPs, params) of `model` on one `image_size` x `image_size` image, official convention.
 
   Works for `models.CondenseNet` (training form, LGC counted as dense / C),
-  `models.CondensedCondenseNet` (the exported form) and `models.DenseNet`.
+  `models.CondensedCondenseNet` (the exported form), `models.CondenseNetV2` (training form, in
+  the V2 code's convention) and `models.DenseNet`.
 
   Raises:
     TypeError: `model` is none of these.

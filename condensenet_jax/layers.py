@@ -202,8 +202,19 @@ def _bn_relu_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
 _bn_relu_train.defvjp(_bn_relu_train_fwd, _bn_relu_train_bwd)
 
 
+# The activations after a BN: CondenseNet uses ReLU; CondenseNetV2 hard-swish in its later
+# blocks (x * relu6(x + 3) / 6, the official `HS`).
+ACTIVATIONS = {'relu': jax.nn.relu, 'hard_swish': jax.nn.hard_swish}
+
+
+def _check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation={activation!r} is not one of {tuple(ACTIVATIONS)}.')
+
+
 class BatchNormReLU(nn.Module):
-  """ReLU(BatchNorm(x)) over the last axis, as PyTorch's BN (eps 1e-5, momentum 0.1) + ReLU.
+  """ReLU(BatchNorm(x)) over the last axis, as PyTorch's BN (eps 1e-5, momentum 0.1) + ReLU;
+  with `activation='hard_swish'`, hard-swish instead of ReLU (CondenseNetV2).
 
   The variables are Flax `nn.BatchNorm`'s (`params`: `scale`, `bias`; `batch_stats`: `mean`,
   `var`). As in PyTorch, the batch is normalized with its biased variance and the running
@@ -220,13 +231,15 @@ class BatchNormReLU(nn.Module):
   In training, `stats=(mean, var)` may give the batch statistics of `x` (`batch_stats(x)`),
   computed once by a caller that feeds the same channels to several BNs (a dense block): they
   are used as they are, and the gradient for `x` still includes the statistics' dependence on
-  it. Eval mode ignores them.
+  it. Eval mode ignores them. The hand-written backward pass is ReLU's; with hard-swish the
+  pair is differentiated by JAX and `stats` must be None (ValueError otherwise).
   """
   use_running_average: bool
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, x, stats=None):
@@ -235,12 +248,20 @@ class BatchNormReLU(nn.Module):
     var = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
     scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    _check_activation(self.activation)
     if self.use_running_average:
       return self.normalize(x, self.multiplier(var.value, scale), mean.value, bias)
-    if stats is not None:
-      stats = jax.tree.map(jax.lax.stop_gradient, stats)
-    out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, stats, self.epsilon,
-                                                self.axis_name, jnp.dtype(self.dtype))
+    if self.activation != 'relu':
+      if stats is not None:
+        raise ValueError(f'stats are taken with the ReLU backward pass only, not with '
+                         f'activation={self.activation!r}.')
+      batch_mean, batch_var = _batch_stats(x.astype(jnp.float32), self.axis_name)
+      out = self.normalize(x, self.multiplier(batch_var, scale), batch_mean, bias)
+    else:
+      if stats is not None:
+        stats = jax.tree.map(jax.lax.stop_gradient, stats)
+      out, batch_mean, batch_var = _bn_relu_train(x, scale, bias, stats, self.epsilon,
+                                                  self.axis_name, jnp.dtype(self.dtype))
     if not self.is_initializing():
       # The running variance is unbiased, as PyTorch's: the batch's n/(n-1) times its variance,
       # n being the values per channel the statistics were taken over.
@@ -256,9 +277,10 @@ class BatchNormReLU(nn.Module):
     return jax.lax.rsqrt(var + self.epsilon) * scale
 
   def normalize(self, x, multiplier, mean, bias):
-    """Eval-mode normalization (running statistics) + ReLU of `x`, whose channels are the
-    ones the statistics describe (or a slice of them, with the matching slices)."""
-    return jax.nn.relu((x.astype(jnp.float32) - mean) * multiplier + bias).astype(self.dtype)
+    """Normalization with the given statistics + the activation of `x`, whose channels are
+    the ones the statistics describe (or a slice of them, with the matching slices)."""
+    activation = ACTIVATIONS[self.activation]
+    return activation((x.astype(jnp.float32) - mean) * multiplier + bias).astype(self.dtype)
 
 
 def eval_norm_terms(norm: BatchNormReLU, channels: int, dtype: Any):
@@ -283,15 +305,15 @@ def check_channel_major(train: bool, what: str) -> None:
 
 
 def batch_norm_relu(train: bool, dtype: Any, axis_name: Optional[str],
-                    name: str = 'norm') -> BatchNormReLU:
-  """The BN + ReLU in front of a convolution: running statistics in eval mode, batch
+                    name: str = 'norm', activation: str = 'relu') -> BatchNormReLU:
+  """The BN + activation in front of a convolution: running statistics in eval mode, batch
   statistics (averaged over `axis_name`, if set) in training."""
   return BatchNormReLU(use_running_average=not train, dtype=dtype, axis_name=axis_name,
-                       name=name)
+                       activation=activation, name=name)
 
 
 class Conv(nn.Module):
-  """BN -> ReLU -> grouped convolution (the official `Conv`), no bias.
+  """BN -> ReLU (or `activation`) -> grouped convolution (the official `Conv`), no bias.
 
   Call: `x` `[n, h, w, in]` -> `[n, h', w', features]`; `in` and `features` must be divisible
   by `groups`. `stats`: optional batch statistics of `x` for the BN (see `BatchNormReLU`).
@@ -308,12 +330,13 @@ class Conv(nn.Module):
   lowering: str = 'grouped'
   layout: str = 'channels_last'
   bn_axis_name: Optional[str] = None
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
     channel_major = self.layout == 'channel_major'
     in_channels = x.shape[0 if channel_major else -1]
-    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
+    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, in_channels // self.groups, self.features),
                         jnp.float32)
@@ -332,7 +355,8 @@ class Conv(nn.Module):
 
 
 class LearnedGroupConv(nn.Module):
-  """BN -> ReLU -> (dropout) -> 1x1 convolution whose kernel is multiplied by a learned mask.
+  """BN -> ReLU (or `activation`) -> (dropout) -> 1x1 convolution whose kernel is multiplied
+  by a learned mask.
 
   Output channel `o` belongs to group `o % groups`; the mask (`'masks'` collection, shape
   `(in_channels, groups)`, float 0/1) says which inputs each group reads. The effective kernel
@@ -346,17 +370,75 @@ class LearnedGroupConv(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
     in_channels = x.shape[-1]
-    x = batch_norm_relu(train, self.dtype, self.bn_axis_name)(x, stats)
+    x = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(
+        x, stats)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
     mask = self.variable('masks', 'mask', jnp.ones, (in_channels, self.groups), jnp.float32)
     weight = kernel[0, 0] * expand_mask(mask.value, self.features)  # [in, out]
     return jnp.dot(x, weight.astype(self.dtype))
+
+
+def expand_output_mask(mask: jax.Array, in_channels: int) -> jax.Array:
+  """SFR mask `(out, G)` -> per-connection mask `(in, out)`: row `c` is `mask[:, c % G]`
+  (input channel `c` belongs to group `c % G`)."""
+  return expand_mask(mask, in_channels).T
+
+
+class SparseFeatureReactivation(nn.Module):
+  """CondenseNetV2's sparse feature reactivation (SFR): BN -> activation -> 1x1 convolution
+  from a layer's new features back to its input width, whose kernel is multiplied by a
+  learned mask over *outputs*; the dense layer adds the result to its input.
+
+  It is the learned group convolution transposed: input channel `c` belongs to group `c % G`,
+  and the mask (`'masks'` collection, shape `(features, G)`, float 0/1) says which outputs
+  each group still writes. The effective kernel is `kernel * expand_output_mask(mask, in)`.
+  Condensing (`condense.condense_event`) drops, per group, the still-written outputs with the
+  smallest L1 norm over the group's input channels, `features // condense_factor` per event.
+
+  Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`.
+  """
+  features: int
+  groups: int
+  condense_factor: int
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  activation: str = 'relu'
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    in_channels = x.shape[-1]
+    x = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(x)
+    kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
+    mask = self.variable('masks', 'mask', jnp.ones, (self.features, self.groups), jnp.float32)
+    weight = kernel[0, 0] * expand_output_mask(mask.value, in_channels)  # [in, out]
+    return jnp.dot(x, weight.astype(self.dtype))
+
+
+class SELayer(nn.Module):
+  """Squeeze-and-excitation (the official `SELayer`): channel weights from the spatial mean,
+  through `c -> c // reduction -> c` bias-free linear maps with ReLU and a sigmoid between.
+
+  Call: `x` `[n, h, w, c]` or `[n, c]` -> the same shape, each channel scaled.
+  """
+  reduction: int = 16
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    squeeze = self.param('squeeze', linear_init, (c, c // self.reduction), jnp.float32)
+    excite = self.param('excite', linear_init, (c // self.reduction, c), jnp.float32)
+    pooled = x.astype(jnp.float32).mean(axis=tuple(range(1, x.ndim - 1)))  # [n, c]
+    weights = jax.nn.sigmoid(jax.nn.relu(pooled @ squeeze) @ excite)
+    return (x * weights.reshape(weights.shape[:1] + (1,) * (x.ndim - 2) + (c,))).astype(
+        self.dtype)
 
 
 class CondensedConv(nn.Module):

@@ -57,6 +57,29 @@ def _check_divisible(value, divisor, what, field, fix):
     raise ValueError(f'{what} = {value} is not divisible by {field} = {divisor}; {fix}')
 
 
+def _check_dense_layers(model) -> None:
+  """The checks every CondenseNet generation shares: stages and growth, the stem, and the
+  divisibility of each dense layer's widths by its groups and condense factor."""
+  if len(model.stages) != len(model.growth) or not model.stages:
+    raise ValueError(f'stages={model.stages} and growth={model.growth} must be non-empty and of '
+                     'equal length (one growth rate per dense block).')
+  stem_geometry(model.stem)
+  for b, l, in_channels, k in dense_layer_inputs(model.stages, model.growth):
+    where = f'denseblock_{b}/denselayer_{l}'
+    width = model.bottleneck * k
+    _check_divisible(in_channels, model.group_1x1, f'{where} input channels', 'group_1x1',
+                     'choose growth rates and group_1x1 so that every layer input divides.')
+    _check_divisible(in_channels, model.condense_factor, f'{where} input channels',
+                     'condense_factor', 'choose a condense_factor that divides every '
+                     'layer input (2*growth[0] and each growth rate).')
+    _check_divisible(width, model.group_1x1, f'{where} bottleneck width (bottleneck*growth)',
+                     'group_1x1', 'change bottleneck, growth or group_1x1.')
+    _check_divisible(width, model.group_3x3, f'{where} bottleneck width (bottleneck*growth)',
+                     'group_3x3', 'change bottleneck, growth or group_3x3.')
+    _check_divisible(k, model.group_3x3, f'growth of denseblock_{b}', 'group_3x3',
+                     'use a growth rate that group_3x3 divides.')
+
+
 ModuleDef = Any  # a module class or a functools.partial of one
 
 
@@ -198,24 +221,7 @@ class CondenseNet(nn.Module):
 
   def check(self):
     """Raises ValueError naming the field and the fix when the architecture cannot be built."""
-    if len(self.stages) != len(self.growth) or not self.stages:
-      raise ValueError(f'stages={self.stages} and growth={self.growth} must be non-empty and of '
-                       'equal length (one growth rate per dense block).')
-    stem_geometry(self.stem)
-    for b, l, in_channels, k in dense_layer_inputs(self.stages, self.growth):
-      where = f'denseblock_{b}/denselayer_{l}'
-      width = self.bottleneck * k
-      _check_divisible(in_channels, self.group_1x1, f'{where} input channels', 'group_1x1',
-                       'choose growth rates and group_1x1 so that every layer input divides.')
-      _check_divisible(in_channels, self.condense_factor, f'{where} input channels',
-                       'condense_factor', 'choose a condense_factor that divides every '
-                       'layer input (2*growth[0] and each growth rate).')
-      _check_divisible(width, self.group_1x1, f'{where} bottleneck width (bottleneck*growth)',
-                       'group_1x1', 'change bottleneck, growth or group_1x1.')
-      _check_divisible(width, self.group_3x3, f'{where} bottleneck width (bottleneck*growth)',
-                       'group_3x3', 'change bottleneck, growth or group_3x3.')
-      _check_divisible(k, self.group_3x3, f'growth of denseblock_{b}', 'group_3x3',
-                       'use a growth rate that group_3x3 divides.')
+    _check_dense_layers(self)
 
   @property
   def num_features(self) -> int:
@@ -392,6 +398,140 @@ class DenseNet(nn.Module):
                     name='classifier')(x).astype(jnp.float32)
 
 
+class SFRDenseLayer(nn.Module):
+  """CondenseNetV2's dense layer: conv_1 (learned group conv) -> conv_2 (3x3 group conv) ->
+  optional SE on the new features; `sfr` maps the new features back onto the input width and
+  is added to the input.
+
+  Call: `x` `[n, h, w, c]` -> `[n, h, w, c + growth]`: `x + sfr(new)` followed by `new`.
+  Factories are called as `conv_1(features, name=...)(x, train)`, `conv_2(features,
+  name=...)(x, train)` and `sfr(features, name=...)(new, train)`.
+  """
+  growth: int
+  bottleneck: int
+  conv_1: ModuleDef
+  conv_2: ModuleDef
+  sfr: ModuleDef
+  use_se: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    new = self.conv_1(self.bottleneck * self.growth, name='conv_1')(x, train)
+    new = self.conv_2(self.growth, name='conv_2')(new, train)
+    if self.use_se:
+      new = layers.SELayer(reduction=1, dtype=self.dtype, name='se')(new)
+    reactivated = x + self.sfr(x.shape[-1], name='sfr')(new, train).astype(x.dtype)
+    return jnp.concatenate([reactivated, new.astype(x.dtype)], axis=-1)
+
+
+class SFRDenseBlock(nn.Module):
+  """`num_layers` `SFRDenseLayer`s: `[n, h, w, c]` -> `[n, h, w, c + num_layers * growth]`."""
+  num_layers: int
+  growth: int
+  bottleneck: int
+  conv_1: ModuleDef
+  conv_2: ModuleDef
+  sfr: ModuleDef
+  use_se: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for l in range(1, self.num_layers + 1):
+      x = SFRDenseLayer(self.growth, self.bottleneck, self.conv_1, self.conv_2, self.sfr,
+                        self.use_se, self.dtype, name=f'denselayer_{l}')(x, train)
+    return x
+
+
+class CondenseNetV2(nn.Module):
+  """CondenseNetV2 (Yang et al., CVPR 2021), training form: every dense layer reads its input
+  through a learned group convolution (`conv_1`, masks over inputs, as in `CondenseNet`) and
+  updates it through a sparse feature reactivation (`sfr`, masks over outputs).
+
+  `model.init(rng, x, train=False)` returns `{'params', 'batch_stats', 'masks'}`. Blocks
+  `hs_start_block` and later (0-based, as the official arguments) use hard-swish instead of
+  ReLU, blocks `se_start_block` and later an SE layer on each layer's new features. After the
+  last block: BN-ReLU, average pooling, an SE layer (`last_se_reduction`), a linear layer of
+  `fc_channel` outputs with hard-swish, and the classifier. Transitions are 2x2 average
+  pooling. Defaults: CondenseNetV2-A. `dtype`, `bn_axis_name` and `execution` as in
+  `CondenseNet`. Raises ValueError (`check`) naming the field and the fix.
+
+  `init_variables` starts every BN scale at 1, the SFRs' included: the official `SFR` zeroes
+  its BN scale when built, but the official model's initialization then sets every BN scale
+  to 1 (tests/fixtures/README.md).
+  """
+  stages: Sequence[int] = (1, 1, 4, 6, 8)
+  growth: Sequence[int] = (8, 8, 16, 32, 64)
+  bottleneck: int = 4
+  group_1x1: int = 8
+  group_3x3: int = 8
+  group_trans: int = 8
+  condense_factor: int = 8
+  trans_factor: int = 8
+  hs_start_block: int = 2
+  se_start_block: int = 3
+  last_se_reduction: int = 16
+  fc_channel: int = 828
+  num_classes: int = 1000
+  stem: str = 'imagenet'
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  execution: Execution = Execution()
+
+  def check(self):
+    """Raises ValueError naming the field and the fix when the architecture cannot be built."""
+    _check_dense_layers(self)
+    if self.trans_factor != self.condense_factor:
+      raise ValueError(f'trans_factor={self.trans_factor} differs from condense_factor='
+                       f'{self.condense_factor}: the SFR and LGC condensing events run on one '
+                       'schedule here (as in every official variant); set them equal.')
+    for b, _, in_channels, k in dense_layer_inputs(self.stages, self.growth):
+      _check_divisible(k, self.group_trans, f'growth of denseblock_{b}', 'group_trans',
+                       'use a growth rate that group_trans divides.')
+      _check_divisible(in_channels, self.trans_factor, f'denseblock_{b} layer input channels',
+                       'trans_factor', 'choose a trans_factor that divides every layer input.')
+      _check_divisible(in_channels, self.group_trans, f'denseblock_{b} layer input channels',
+                       'group_trans', 'choose a group_trans that divides every layer input.')
+
+  @property
+  def num_features(self) -> int:
+    """Channels after the last dense block."""
+    return num_final_channels(self.stages, self.growth)
+
+  def activation(self, block: int) -> str:
+    """The activation of dense block `block` (1-based)."""
+    return 'hard_swish' if block - 1 >= self.hs_start_block else 'relu'
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
+    self.check()
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
+    for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
+      act = self.activation(b)
+      conv_1 = functools.partial(layers.LearnedGroupConv, groups=self.group_1x1,
+                                 condense_factor=self.condense_factor, activation=act, **common)
+      conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1,
+                                 activation=act)
+      sfr = functools.partial(layers.SparseFeatureReactivation, groups=self.group_trans,
+                              condense_factor=self.trans_factor, activation=act, **common)
+      x = SFRDenseBlock(n, k, self.bottleneck, conv_1, conv_2, sfr,
+                        use_se=b - 1 >= self.se_start_block, dtype=self.dtype,
+                        name=f'denseblock_{b}')(x, train)
+      if b < len(self.stages):
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
+    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
+    x = layers.SELayer(self.last_se_reduction, dtype=self.dtype, name='se_last')(x)
+    x = nn.Dense(self.fc_channel, kernel_init=layers.linear_init, dtype=self.dtype,
+                 name='fc')(x)
+    x = jax.nn.hard_swish(x)
+    return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
+                    name='classifier')(x).astype(jnp.float32)
+
+
 # Named variants (CIFAR rows: 10 classes; set num_classes=100 for CIFAR-100).
 _cifar = functools.partial(CondenseNet, growth=(8, 16, 32), group_1x1=4, group_3x3=4,
                            condense_factor=4, stem='cifar')
@@ -410,6 +550,19 @@ DenseNetBC100 = functools.partial(DenseNet, stages=(16, 16, 16), growth=(12, 12,
                                   reduction=0.5, stem='cifar')
 # A test-sized CondenseNet: two layers per block, 1.2 MFLOPs.
 CondenseNetTiny = functools.partial(_cifar, stages=(2, 2, 2), growth=(4, 8, 8))
+# CondenseNetV2 variants of the official code (ImageNet, 224x224).
+CondenseNetV2_A = functools.partial(CondenseNetV2)  # the defaults
+CondenseNetV2_B = functools.partial(
+    CondenseNetV2, stages=(2, 4, 6, 8, 6), growth=(6, 12, 24, 48, 96), group_1x1=6,
+    group_3x3=6, group_trans=6, condense_factor=6, trans_factor=6, fc_channel=1024)
+CondenseNetV2_C = functools.partial(
+    CondenseNetV2, stages=(4, 6, 8, 10, 8), growth=(8, 16, 32, 64, 128), fc_channel=1024)
+# A test-sized CondenseNetV2 at CIFAR shapes: every kind of layer (ReLU and hard-swish blocks,
+# SE from the third block).
+CondenseNetV2Tiny = functools.partial(
+    CondenseNetV2, stages=(1, 2, 2), growth=(4, 8, 8), group_1x1=4, group_3x3=4, group_trans=4,
+    condense_factor=4, trans_factor=4, hs_start_block=1, se_start_block=2,
+    last_se_reduction=4, fc_channel=32, num_classes=10, stem='cifar')
 
 
 # Fields of the model classes that say how the network runs, not which function it computes:
@@ -470,7 +623,8 @@ def _initial_value(key: tuple[str, ...], shape, dtype, rng: np.random.Generator)
     return np.zeros(shape, dtype)
   if leaf == 'kernel' and len(shape) == 4:  # conv: He normal, fan = kh * kw * out
     return rng.normal(0.0, np.sqrt(2.0 / (shape[0] * shape[1] * shape[3])), shape).astype(dtype)
-  if leaf == 'kernel' and len(shape) == 2:  # Linear: PyTorch's U(-1/sqrt(in), 1/sqrt(in))
+  if leaf in ('kernel', 'squeeze', 'excite') and len(shape) == 2:
+    # Linear (and the SE layers' maps): PyTorch's U(-1/sqrt(in), 1/sqrt(in))
     bound = 1.0 / np.sqrt(shape[0])
     return rng.uniform(-bound, bound, shape).astype(dtype)
   raise ValueError(f"no initializer for {'/'.join(key)} of shape {shape}")

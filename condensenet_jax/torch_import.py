@@ -10,7 +10,9 @@ arrays. `load_pth(path)` reads a `.pth` / `.pth.tar` file into such a mapping wi
 
 Layouts: PyTorch conv kernels are `(out, in/groups, kh, kw)`, Flax's `(kh, kw, in/groups, out)`;
 Linear weights `(out, in)` vs `(in, out)`; an LGC's `_mask` is `(out, in, 1, 1)` with rows
-`g, g+G, ...` equal (group g), ours `(in, G)`.
+`g, g+G, ...` equal (group g), ours `(in, G)`; an SFR's (CondenseNetV2) is `(out, in, 1, 1)`
+with columns `g, g+G, ...` equal, ours `(out, G)`. CondenseNetV2's SE layers keep their two
+maps as `se.fc.0.weight` and `se.fc.2.weight`, ours as `se/squeeze` and `se/excite`.
 """
 
 from typing import Any, Mapping
@@ -28,12 +30,20 @@ class StateDictError(ValueError):
   """A state dict that does not fit the model; the message lists every problem found."""
 
 
+_LINEAR_LEAVES = {'kernel': 'weight', 'bias': 'bias', 'index': 'index'}
+_SE_LEAVES = {'squeeze': 'fc.0.weight', 'excite': 'fc.2.weight'}
+
+
 def _official_key(collection: str, path: tuple[str, ...], condensed: bool) -> str:
   *module, leaf = path
   if module == ['classifier']:
     prefix = 'classifier.linear.' if condensed and leaf != 'index' else 'classifier.'
-    return prefix + {'kernel': 'weight', 'bias': 'bias', 'index': 'index'}[leaf]
+    return prefix + _LINEAR_LEAVES[leaf]
+  if module == ['fc']:  # CondenseNetV2's linear layer before the classifier
+    return 'fc.' + _LINEAR_LEAVES[leaf]
   stem = 'features.' + '.'.join(module)
+  if leaf in _SE_LEAVES:
+    return stem + '.' + _SE_LEAVES[leaf]
   if collection == 'masks':
     return stem + '._mask'
   if collection == 'indices':
@@ -58,8 +68,11 @@ def _torch_shape(collection, path, shape, flat_shapes):
   return tuple(shape)
 
 
-def _mask_from_torch(key, array, groups):
-  """(out, in, 1, 1) official mask -> (in, G), checking the group structure."""
+def _mask_from_torch(key, array, groups, sfr=False):
+  """(out, in, 1, 1) official mask -> (in, G) for an LGC, (out, G) for an SFR (`sfr`), checking
+  the group structure."""
+  if sfr:
+    array = array.transpose(1, 0, 2, 3)  # an SFR's groups are input channels: rows here
   rows = array[:, :, 0, 0]
   if not np.all((rows == 0) | (rows == 1)):
     raise StateDictError(f'{key}: mask entries must be 0 or 1.')
@@ -67,6 +80,12 @@ def _mask_from_torch(key, array, groups):
   bad = np.flatnonzero(np.any(rows != expected, axis=1))
   if bad.size:
     o = int(bad[0])
+    if sfr:
+      raise StateDictError(
+          f'{key}: mask is not group-structured: input channel {o} (group {o % groups} of '
+          f'{groups}) differs from input channel {o % groups}; in a sparse feature reactivation '
+          'all input channels of a group share one mask (input channel c belongs to group '
+          'c % G). Check group_trans.')
     raise StateDictError(
         f'{key}: mask is not group-structured: row {o} (group {o % groups} of {groups}) differs '
         f'from row {o % groups}; in a learned group convolution all output channels of a group '
@@ -74,9 +93,16 @@ def _mask_from_torch(key, array, groups):
   return np.ascontiguousarray(rows[:groups].T)
 
 
-def _to_flax(collection, key, array, groups):
+def _mask_groups(model, path) -> int:
+  """The groups of the learned layer whose mask is at `path` (module path + leaf)."""
+  if condense.is_sfr(path[:-1]):
+    return model.group_trans
+  return getattr(model, 'group_1x1', 1)
+
+
+def _to_flax(collection, key, array, groups, sfr=False):
   if collection == 'masks':
-    return _mask_from_torch(key, array, groups).astype(np.float32)
+    return _mask_from_torch(key, array, groups, sfr).astype(np.float32)
   if collection == 'indices':
     return array.astype(np.int32)
   if array.ndim == 4:
@@ -94,12 +120,11 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _load(model, state_dict, condensed: bool):
-  if isinstance(model, models.CondenseNet):
+  if isinstance(model, (models.CondenseNet, models.CondenseNetV2)):
     model.check()
   state = _strip_prefix(state_dict)
   flat_shapes = {k: tuple(v.shape) for k, v in
                  traverse_util.flatten_dict(dict(models.variable_shapes(model))).items()}
-  groups = getattr(model, 'group_1x1', 1)
   problems, flat = [], {}
   expected_keys = set()
   for (collection, *path), shape in flat_shapes.items():
@@ -115,7 +140,9 @@ def _load(model, state_dict, condensed: bool):
       problems.append(f'{key}: expected shape {want}, found {tuple(found)}')
       continue
     try:
-      flat[(collection,) + path] = _to_flax(collection, key, state[key], groups)
+      sfr = collection == 'masks' and condense.is_sfr(path[:-1])
+      flat[(collection,) + path] = _to_flax(collection, key, state[key],
+                                            _mask_groups(model, path), sfr)
     except StateDictError as e:
       problems.append(str(e))
   for key in sorted(set(state) - expected_keys):
@@ -152,21 +179,22 @@ def _check_indices(indices, model):
 
 
 def _check_bookkeeping(state, masks, model):
-  """`_count` and `_stage` of each LGC, when present, must agree with its mask."""
+  """`_count` and `_stage` of each LGC and SFR, when present, must agree with its mask."""
   c = model.condense_factor
   for key, mask in traverse_util.flatten_dict(masks).items():
     stem = _official_key('masks', key, False)[:-len('._mask')]
     try:
-      events = condense.events_done(mask, c)
+      events = condense.events_done(mask, c, 'outputs' if condense.is_sfr(key[:-1]) else 'inputs')
     except ValueError as e:
       raise StateDictError(f'{stem}._mask: {e}') from None
     delta = mask.shape[0] // c
     if stem + '._count' in state:
       count = int(np.asarray(state[stem + '._count']).reshape(-1)[0])
       if count != events * delta:
+        dropped = 'outputs' if condense.is_sfr(key[:-1]) else 'inputs'
         raise StateDictError(
-            f'{stem}._count = {count} but the mask has dropped {events * delta} inputs per group '
-            f'({events} events of {delta}); the checkpoint is inconsistent.')
+            f'{stem}._count = {count} but the mask has dropped {events * delta} {dropped} per '
+            f'group ({events} events of {delta}); the checkpoint is inconsistent.')
     if stem + '._stage' in state:
       stage = int(np.asarray(state[stem + '._stage']).reshape(-1)[0])
       if stage != events:
@@ -177,7 +205,7 @@ def _check_bookkeeping(state, masks, model):
 
 def load_state_dict(model, state_dict: Mapping[str, Any]):
   """Official training-form state dict -> `{'params', 'batch_stats', 'masks'}` for `model`
-  (`CondenseNet`, or `DenseNet`, which has no masks).
+  (`CondenseNet`, `CondenseNetV2`, or `DenseNet`, which has no masks).
 
   Raises:
     TypeError: `model` is a `CondensedCondenseNet` (use `load_converted_state_dict`).

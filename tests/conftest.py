@@ -32,17 +32,19 @@ if 'JAX_DEFAULT_MATMUL_PRECISION' not in os.environ:
 FIXTURES = pathlib.Path(os.environ.get('CONDENSENET_FIXTURES',
                                        pathlib.Path(__file__).resolve().parent / 'fixtures'))
 FIXTURE_NAMES = ('tiny_cifar_g4', 'tiny_cifar_g2_c4', 'tiny_imagenet_g8')
+# The CondenseNetV2 fixtures (fixtures/make_v2_fixtures.py, from the official V2 code).
+V2_FIXTURE_NAMES = ('v2_tiny_cifar', 'v2_tiny_cifar_g2', 'v2_tiny_imagenet')
 
 
 class Fixture:
   """One official fixture: its config, model, input and state dicts.
 
   Attributes:
-    name: the fixture's name (one of FIXTURE_NAMES).
+    name: the fixture's name (one of FIXTURE_NAMES or V2_FIXTURE_NAMES).
     config: the `.json` dict (configuration, events, official FLOPs/params).
     arrays: every `.npz` entry by key, as stored (state{k} for k >= 1 holds only the entries
       that changed at event k: read state dicts with `state_dict`).
-    model: the CondenseNet of the configuration.
+    model: the CondenseNet (or CondenseNetV2) of the configuration.
     x: the input batch, NHWC float32.
     condense_factor: C; the states are state0 .. state{C-1}.
   """
@@ -52,18 +54,26 @@ class Fixture:
     paths = [FIXTURES / f'{name}.json', FIXTURES / f'{name}.npz']
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
+      script = 'make_v2_fixtures.py' if name in V2_FIXTURE_NAMES else 'make_fixtures.py'
       raise FileNotFoundError(
           f'official parity fixture {name} is missing ({", ".join(missing)}): regenerate it '
-          f'with `python tests/fixtures/make_fixtures.py --official-dir PATH_TO_CHECKOUT` or '
+          f'with `python tests/fixtures/{script} --official-dir PATH_TO_CHECKOUT` or '
           f'point CONDENSENET_FIXTURES at a folder that holds it')
     self.config = json.loads(paths[0].read_text())
     with np.load(paths[1]) as npz:
       self.arrays = {k: npz[k] for k in npz.files}
     c = self.config
-    self.model = models.CondenseNet(
-        stages=c['stages'], growth=c['growth'], bottleneck=c['bottleneck'],
-        group_1x1=c['group_1x1'], group_3x3=c['group_3x3'],
-        condense_factor=c['condense_factor'], num_classes=c['num_classes'], stem=c['stem'])
+    common = dict(stages=c['stages'], growth=c['growth'], bottleneck=c['bottleneck'],
+                  group_1x1=c['group_1x1'], group_3x3=c['group_3x3'],
+                  condense_factor=c['condense_factor'], num_classes=c['num_classes'],
+                  stem=c['stem'])
+    if 'trans_factor' in c:  # the official V2 arguments
+      self.model = models.CondenseNetV2(
+          group_trans=c['group_trans'], trans_factor=c['trans_factor'],
+          hs_start_block=c['HS_start_block'], se_start_block=c['SE_start_block'],
+          last_se_reduction=c['last_se_reduction'], fc_channel=c['fc_channel'], **common)
+    else:
+      self.model = models.CondenseNet(**common)
     self.x = jnp.asarray(self.arrays['x_nchw'].transpose(0, 2, 3, 1))  # [n, h, w, 3]
     self.condense_factor = c['condense_factor']
 
@@ -107,6 +117,11 @@ def load_fixture(name):
 
 @pytest.fixture(scope='session', params=FIXTURE_NAMES)
 def fixture(request):
+  return load_fixture(request.param)
+
+
+@pytest.fixture(scope='session', params=V2_FIXTURE_NAMES)
+def v2_fixture(request):
   return load_fixture(request.param)
 
 

@@ -62,7 +62,7 @@ def test_params_match_the_trainable_variables_of_the_condensed_model():
 
 
 def test_unknown_model_type():
-  with pytest.raises(TypeError, match='CondenseNet, CondensedCondenseNet and DenseNet'):
+  with pytest.raises(TypeError, match='CondenseNet, CondensedCondenseNet, CondenseNetV2 and DenseNet'):
     flops.count(object(), 32)
 
 
