@@ -76,6 +76,12 @@ class Checkpoints:
     self.manager.close()
 
 
+# The classes a condensed model's `model.json` may name (CondensedNet: the earlier name).
+CONDENSED_CLASSES = {'CondensedCondenseNet': models.CondensedCondenseNet,
+                     'CondensedNet': models.CondensedCondenseNet,
+                     'CondensedCondenseNetV2': models.CondensedCondenseNetV2}
+
+
 def save_condensed(directory: str, model: models.CondensedCondenseNet, variables: Any,
                    preprocessing: Optional[dict[str, Any]] = None) -> None:
   """Writes a condensed model: `model.json` + `variables.npz`.
@@ -104,7 +110,11 @@ def read_condensed(directory: str, **overrides) -> tuple[models.CondensedCondens
                             'written at the end of training as <workdir>/condensed.')
   with open(paths[0]) as f:
     spec = json.load(f)
-  model = models.from_architecture(models.CondensedCondenseNet, spec['fields'], **overrides)
+  cls = CONDENSED_CLASSES.get(spec.get('class', 'CondensedCondenseNet'))
+  if cls is None:
+    raise ValueError(f"{paths[0]}: class {spec.get('class')!r} is not one of "
+                     f'{sorted(CONDENSED_CLASSES)}; was it written by another program?')
+  model = models.from_architecture(cls, spec['fields'], **overrides)
   with np.load(paths[1]) as arrays:
     variables = traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep='/')
   condense.check_gathered_norms(model, variables)

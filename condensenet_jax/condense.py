@@ -27,23 +27,39 @@ from condensenet_jax import layers, models
 LASSO_EPS = 1e-6
 
 
-def stage_at(step, total_steps, condense_factor):
+def last_stage_step(total_steps: int) -> int:
+  """The last step at which CondenseNetV2's layers still move to a new stage: its official
+  guard (`progress * 2 < 1 + 1e-3`, progress = step / total_steps) stops every stage change
+  from progress 0.5005 on, i.e. the largest step with 2000 step < 1001 total_steps."""
+  return (1001 * int(total_steps) - 1) // 2000
+
+
+def stage_at(step, total_steps, condense_factor, stops_at_half: bool = False):
   """Stage at `step`: min(C-1, floor(2 (C-1) step / total_steps)), in exact integer arithmetic.
 
   Stages 0 .. C-2 are condensing stages (the first half of training); stage C-1 is the
-  optimization stage. Works on Python ints and on (traced) integer arrays.
+  optimization stage. With `stops_at_half` (CondenseNetV2, `model.condensing_stops_at_half`)
+  the stage is the one of step `min(step, last_stage_step(total_steps))`. Works on Python ints
+  and on (traced) integer arrays.
   """
   last = condense_factor - 1
   if isinstance(step, (int, np.integer)) and isinstance(total_steps, (int, np.integer)):
+    if stops_at_half:
+      step = min(int(step), last_stage_step(total_steps))
     return min(last, (2 * last * int(step)) // int(total_steps))
   step = jnp.asarray(step)
+  if stops_at_half:
+    step = jnp.minimum(step, last_stage_step(total_steps))
   return jnp.minimum(last, (2 * last * step) // total_steps)
 
 
-def event_steps(total_steps: int, condense_factor: int) -> list[int]:
-  """The steps at which condensing events 1 .. C-1 fire (the first step of each stage)."""
+def event_steps(total_steps: int, condense_factor: int,
+                stops_at_half: bool = False) -> list[int]:
+  """The steps at which condensing events 1 .. C-1 fire (the first step of each stage); with
+  `stops_at_half`, only those up to `last_stage_step(total_steps)` (the others never fire)."""
   last = condense_factor - 1
-  return [-(-k * total_steps // (2 * last)) for k in range(1, last + 1)]
+  steps = [-(-k * total_steps // (2 * last)) for k in range(1, last + 1)]
+  return [s for s in steps if not stops_at_half or s <= last_stage_step(total_steps)]
 
 
 def is_condensing(stage, condense_factor):
@@ -238,28 +254,48 @@ def _export_lgc(kernel, mask, condense_factor):
   return index, grouped[None, None]
 
 
+def _export_sfr(kernel, mask, condense_factor):
+  """Returns (index [kept], grouped kernel [1, 1, in/G, kept]) of one fully condensed SFR:
+  group g's kept outputs in increasing order, read from its inputs g, g+G, ... in that order
+  (the order the channel shuffle of `layers.CondensedSFR` gives)."""
+  out, groups = mask.shape
+  in_channels = kernel.shape[0]
+  index = np.concatenate([np.flatnonzero(mask[:, g]) for g in range(groups)])
+  per_group = out // condense_factor
+  grouped = np.empty((in_channels // groups, groups * per_group), kernel.dtype)
+  for g in range(groups):
+    columns = index[g * per_group:(g + 1) * per_group]
+    grouped[:, g * per_group:(g + 1) * per_group] = kernel[g::groups][:, columns]
+  return index, grouped[None, None]
+
+
 def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_keep: float = 0.5):
   """Converts a fully condensed training-form model into its inference form.
 
   Each LGC becomes an index gather (kept inputs, group after group, increasing index), BN with
-  the gathered statistics, ReLU, a 1x1 convolution with `group_1x1` groups and a channel
-  shuffle; the classifier keeps the `int(features * classifier_keep)` inputs with the largest
-  L1 column norm (no fine-tuning). With `classifier_keep=1.0` the result computes exactly the
-  masked model's function.
+  the gathered statistics, its activation, a 1x1 convolution with `group_1x1` groups and a
+  channel shuffle; the classifier keeps the `int(features * classifier_keep)` inputs with the
+  largest L1 column norm (no fine-tuning). With `classifier_keep=1.0` the result computes
+  exactly the masked model's function. A `CondenseNetV2`'s SFRs become grouped convolutions
+  whose outputs are scattered into the layer input (`layers.CondensedSFR`); its classifier is
+  not condensed (`classifier_keep` does not apply), so its export always computes the masked
+  model's function.
 
   Args:
-    model: the training-form `CondenseNet`.
+    model: the training-form `CondenseNet` or `CondenseNetV2`.
     variables: `{'params', 'batch_stats', 'masks'}` after all C-1 condensing events.
     classifier_keep: fraction of classifier inputs to keep (official: 0.5).
   Returns:
-    `(CondensedCondenseNet, {'params', 'batch_stats', 'indices'})`, the variables as numpy arrays on
-    the host (computed there; place them where they run).
+    `(CondensedCondenseNet or CondensedCondenseNetV2, {'params', 'batch_stats', 'indices'})`,
+    the variables as numpy arrays on the host (computed there; place them where they run).
   Raises:
     ValueError: naming the layer and its event count, if a layer is not fully condensed.
   """
   if not 0 < classifier_keep <= 1:
     raise ValueError(f'classifier_keep={classifier_keep} must be in (0, 1].')
-  small = models.CondensedCondenseNet.from_model(model, classifier_keep)
+  v2 = isinstance(model, models.CondenseNetV2)
+  small = (models.CondensedCondenseNetV2.from_model(model) if v2 else
+           models.CondensedCondenseNet.from_model(model, classifier_keep))
   to_np = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(tree)))
   params, stats, masks = (to_np(variables[c]) for c in ('params', 'batch_stats', 'masks'))
   last = model.condense_factor - 1
@@ -272,12 +308,19 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
           f'{last - done} more time(s)).')
   for key, mask in masks.items():
     path = key[:-1]
-    index, kernel = _export_lgc(params[path + ('kernel',)][0, 0], mask, model.condense_factor)
-    params[path + ('kernel',)] = kernel
+    kernel = params[path + ('kernel',)][0, 0]
+    if is_sfr(path):  # its BN is over its own inputs, all read: nothing to gather
+      index, params[path + ('kernel',)] = _export_sfr(kernel, mask, model.trans_factor)
+      indices[path + ('index',)] = index.astype(np.int32)
+      continue
+    index, params[path + ('kernel',)] = _export_lgc(kernel, mask, model.condense_factor)
     for tree, leaves in ((params, ('scale', 'bias')), (stats, ('mean', 'var'))):
       for leaf in leaves:
         tree[path + ('norm', leaf)] = tree[path + ('norm', leaf)][index]
     indices[path + ('index',)] = index.astype(np.int32)
+  if v2:
+    return small, {c: traverse_util.unflatten_dict(t)
+                   for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
   kernel = params[('classifier', 'kernel')]  # [features, classes]
   kept = small.num_classifier_inputs
   order = np.argsort(np.abs(kernel).sum(axis=1), kind='stable')  # increasing L1 norm
@@ -303,8 +346,8 @@ def check_gathered_norms(model: models.CondensedCondenseNet, variables: Mapping[
                             for c in ('params', 'batch_stats', 'indices'))
   for key, index in indices.items():
     path = key[:-1]
-    if path + ('norm', 'scale') not in params:  # the classifier's gather has no BN
-      continue
+    if path + ('norm', 'scale') not in params or is_sfr(path):
+      continue  # the classifier's gather has no BN; an SFR's index places outputs
     index = np.asarray(index)
     order = np.argsort(index, kind='stable')
     channels = index[order]

@@ -77,7 +77,9 @@ class Execution:
   - `dense_block_form`: how dense blocks collect their features ('auto' or one of
     `DENSE_BLOCK_FORMS`; `dense_blocks`).
   - `condensed_gathers`: whether the condensed model's 1x1 convolutions gather their kept
-    input channels in eval mode ('auto' or one of `CONDENSED_GATHERS`; `condensed_conv`).
+    input channels in eval mode ('auto' or one of `CONDENSED_GATHERS`; `condensed_conv`); under
+    'keep' a condensed CondenseNetV2's SFRs also place their outputs by gathers
+    (`sfr_placement`).
   - `condensed_layout`: the layout the condensed model's dense blocks compute in, in eval mode
     ('auto' or one of `LAYOUTS`; `condensed_blocks`).
   - `cpu_convolutions`: which kernels run convolutions on a CPU (one of `CPU_CONVOLUTIONS`;
@@ -183,6 +185,12 @@ class Execution:
     cpu_auto = (self.platform == 'cpu' and self.conv_lowering == 'auto'
                 and self.condensed_gathers == 'auto')
     return 'channel_major' if cpu_auto else 'channels_last'
+
+  def sfr_placement(self) -> str:
+    """How a condensed CondenseNetV2's SFRs add their outputs into the layer input
+    (`layers.CondensedSFR`): 'gather' under `condensed_gathers='keep'` (every condensed layer
+    works through channel gathers, no scatters: the TFLite export), else 'scatter'."""
+    return 'gather' if self.condensed_gathers == 'keep' else 'scatter'
 
   def dense_blocks(self, train: bool) -> str:
     """How dense blocks collect their features (one of `DENSE_BLOCK_FORMS`): 'concatenate'

@@ -131,6 +131,7 @@ def _condensenet(model, image_size):
 def _condensenet_v2(model, image_size):
   model.check()
   stride, pool = models.stem_geometry(model.stem)
+  condensed = isinstance(model, models.CondensedCondenseNetV2)
   n = _Counter()
   with n.section('init_conv'):
     size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
@@ -143,11 +144,19 @@ def _condensenet_v2(model, image_size):
       previous_block = block
     width = model.bottleneck * growth
     with n.section(f'denseblock_{block}/denselayer_{layer}'):
-      n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
+      if condensed:  # gathered inputs; the SFR's kept outputs, scattered (not counted)
+        kept = in_channels * model.group_1x1 // model.condense_factor
+        n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
+      else:
+        n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
       n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
       if block - 1 >= model.se_start_block:
         n.squeeze_excite(growth, size, 1)
-      n.norm_relu_conv(growth, in_channels, 1, size, divide_by=model.trans_factor)
+      if condensed:
+        kept = in_channels * model.group_trans // model.trans_factor
+        n.norm_relu_conv(growth, kept, 1, size, groups=model.group_trans)
+      else:
+        n.norm_relu_conv(growth, in_channels, 1, size, divide_by=model.trans_factor)
   features = model.num_features
   with n.section('norm_last'):
     n.head(features, size, pool)
@@ -199,8 +208,8 @@ def count(model, image_size: int) -> tuple[int, int]:
   """(FLOPs, params) of `model` on one `image_size` x `image_size` image, official convention.
 
   Works for `models.CondenseNet` (training form, LGC counted as dense / C),
-  `models.CondensedCondenseNet` (the exported form), `models.CondenseNetV2` (training form, in
-  the V2 code's convention) and `models.DenseNet`.
+  `models.CondensedCondenseNet` (the exported form), `models.CondenseNetV2` and
+  `models.CondensedCondenseNetV2` (in the V2 code's convention) and `models.DenseNet`.
 
   Raises:
     TypeError: `model` is none of these.
@@ -237,7 +246,8 @@ def per_layer(model, image_size: int) -> list[dict[str, object]]:
 
 def costs(model, classifier_keep: float = 0.5) -> dict[str, int]:
   """Per image of the model's default size: `flops` and `params` (official convention) and
-  `masked_multiply_adds` (really run) of `model`; for a `CondenseNet` also `condensed_flops`,
+  `masked_multiply_adds` (really run) of `model`; for a `CondenseNet` or `CondenseNetV2` also
+  `condensed_flops`,
   `condensed_params` and `condensed_multiply_adds` of the condensed form that
   `condense.export(model, ..., classifier_keep)` makes.
 
@@ -247,8 +257,12 @@ def costs(model, classifier_keep: float = 0.5) -> dict[str, int]:
   size = models.default_image_size(model)
   f, p = count(model, size)
   result = {'flops': f, 'params': p, 'masked_multiply_adds': multiply_adds(model, size)}
+  small = None
   if isinstance(model, models.CondenseNet):
     small = models.CondensedCondenseNet.from_model(model, classifier_keep)
+  elif isinstance(model, models.CondenseNetV2):  # its classifier is not condensed
+    small = models.CondensedCondenseNetV2.from_model(model)
+  if small is not None:
     f, p = count(small, size)
     result.update(condensed_flops=f, condensed_params=p,
                   condensed_multiply_adds=multiply_adds(small, size))

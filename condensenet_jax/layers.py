@@ -402,7 +402,8 @@ class SparseFeatureReactivation(nn.Module):
   Condensing (`condense.condense_event`) drops, per group, the still-written outputs with the
   smallest L1 norm over the group's input channels, `features // condense_factor` per event.
 
-  Call: `x` `[n, h, w, in]` -> `[n, h, w, features]`.
+  Call: `new` `[n, h, w, in]` (the layer's new features), `x` `[n, h, w, features]` (its
+  input) -> `x` with the reactivation added.
   """
   features: int
   groups: int
@@ -412,13 +413,66 @@ class SparseFeatureReactivation(nn.Module):
   activation: str = 'relu'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    in_channels = x.shape[-1]
-    x = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(x)
+  def __call__(self, new, x, train: bool = False):
+    in_channels = new.shape[-1]
+    new = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(new)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels, self.features), jnp.float32)
     mask = self.variable('masks', 'mask', jnp.ones, (self.features, self.groups), jnp.float32)
     weight = kernel[0, 0] * expand_output_mask(mask.value, in_channels)  # [in, out]
-    return jnp.dot(x, weight.astype(self.dtype))
+    return x + jnp.dot(new, weight.astype(self.dtype)).astype(x.dtype)
+
+
+class CondensedSFR(nn.Module):
+  """The inference form of an SFR (the official `CondensingSFR`, with a scatter instead of its
+  dense output matrix): BN -> activation -> channel shuffle that puts each input group's
+  channels `g, g+G, ...` together -> 1x1 group conv -> scatter-add of its outputs into the
+  layer input at the kept output positions.
+
+  `index` (`'indices'` collection) lists, for each grouped output (group after group, each
+  group's kept outputs in increasing order), the position it is added to; two groups may
+  write the same position. The kernel is grouped, `(1, 1, in / groups, kept)`, with
+  `kept = features * groups / condense_factor`.
+
+  Call: `new` `[n, h, w, in]`, `x` `[n, h, w, features]` -> `x` with the reactivation added.
+  `lowering`: see `grouped_conv`. `placement` (`execution.Execution.sfr_placement`): 'scatter'
+  adds the outputs with one scatter (`x.at[..., index].add(outputs)`); 'gather' reads, for
+  each group, its output at every position it writes (a zero elsewhere) with one channel
+  gather, for runtimes without a scatter-add (TFLite). The same function.
+  """
+  features: int
+  groups: int
+  condense_factor: int
+  dtype: Any = jnp.float32
+  lowering: str = 'grouped'
+  placement: str = 'scatter'
+  bn_axis_name: Optional[str] = None
+  activation: str = 'relu'
+
+  @nn.compact
+  def __call__(self, new, x, train: bool = False):
+    in_channels = new.shape[-1]
+    kept = self.features * self.groups // self.condense_factor
+    index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
+    new = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(new)
+    kernel = self.param('kernel', conv_init, (1, 1, in_channels // self.groups, kept),
+                        jnp.float32)
+    new = channel_shuffle(new, in_channels // self.groups)  # group g: channels g, g+G, ...
+    y = grouped_conv(new, kernel.astype(self.dtype), self.groups, lowering=self.lowering)
+    y = y.astype(x.dtype)
+    if self.placement == 'scatter':
+      return x.at[..., index.value].add(y)
+    if self.placement != 'gather':
+      raise ValueError(f"placement={self.placement!r} is not 'scatter' or 'gather'.")
+    per_group = kept // self.groups
+    positions = jnp.arange(self.features)
+    zero = jnp.zeros(y.shape[:-1] + (1,), y.dtype)
+    for g in range(self.groups):
+      # Where group g writes each position: its output j, or the zero appended after them.
+      writes = index.value[g * per_group:(g + 1) * per_group][None, :] == positions[:, None]
+      source = jnp.where(writes.any(axis=1), jnp.argmax(writes, axis=1), per_group)
+      outputs = jnp.concatenate([y[..., g * per_group:(g + 1) * per_group], zero], axis=-1)
+      x = x + jnp.take(outputs, source, axis=-1)
+    return x
 
 
 class SELayer(nn.Module):
@@ -442,7 +496,8 @@ class SELayer(nn.Module):
 
 
 class CondensedConv(nn.Module):
-  """The inference form of an LGC: gather -> BN -> ReLU -> 1x1 group conv -> channel shuffle.
+  """The inference form of an LGC: gather -> BN -> ReLU (or `activation`) -> 1x1 group conv ->
+  channel shuffle.
 
   `index` (`'indices'` collection) lists the kept input channels, group after group; the
   kernel is a grouped kernel `(1, 1, kept / groups, out)` whose output channels come out
@@ -465,6 +520,7 @@ class CondensedConv(nn.Module):
   form: str = 'grouped'
   layout: str = 'channels_last'
   bn_axis_name: Optional[str] = None
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, x, train: bool = False, stats=None):
@@ -472,7 +528,7 @@ class CondensedConv(nn.Module):
     channel_major = self.layout == 'channel_major'
     kept = x.shape[0 if channel_major else -1] * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
-    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name)
+    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)
     kernel = self.param('kernel', conv_init, (1, 1, kept // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
     if channel_major:

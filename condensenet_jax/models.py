@@ -57,6 +57,12 @@ def _check_divisible(value, divisor, what, field, fix):
     raise ValueError(f'{what} = {value} is not divisible by {field} = {divisor}; {fix}')
 
 
+def condenses(model) -> bool:
+  """Whether `model` has learned layers with condensing events: a `CondenseNet` or a
+  `CondenseNetV2` (either form), not a `DenseNet`."""
+  return isinstance(model, (CondenseNet, CondenseNetV2))
+
+
 def _check_dense_layers(model) -> None:
   """The checks every CondenseNet generation shares: stages and growth, the stem, and the
   divisibility of each dense layer's widths by its groups and condense factor."""
@@ -218,6 +224,8 @@ class CondenseNet(nn.Module):
   # Whether dense blocks hand each channel's batch statistics to the layers that read it (see
   # `DenseBlock`); the condensed form reads gathered channels and computes its own.
   shares_batch_stats = True
+  # Whether condensing stops at progress 0.5005 (CondenseNetV2's guard; condense.stage_at).
+  condensing_stops_at_half = False
 
   def check(self):
     """Raises ValueError naming the field and the fix when the architecture cannot be built."""
@@ -405,7 +413,8 @@ class SFRDenseLayer(nn.Module):
 
   Call: `x` `[n, h, w, c]` -> `[n, h, w, c + growth]`: `x + sfr(new)` followed by `new`.
   Factories are called as `conv_1(features, name=...)(x, train)`, `conv_2(features,
-  name=...)(x, train)` and `sfr(features, name=...)(new, train)`.
+  name=...)(x, train)` and `sfr(features, name=...)(new, x, train)` (which returns `x` with
+  the reactivation added).
   """
   growth: int
   bottleneck: int
@@ -421,8 +430,8 @@ class SFRDenseLayer(nn.Module):
     new = self.conv_2(self.growth, name='conv_2')(new, train)
     if self.use_se:
       new = layers.SELayer(reduction=1, dtype=self.dtype, name='se')(new)
-    reactivated = x + self.sfr(x.shape[-1], name='sfr')(new, train).astype(x.dtype)
-    return jnp.concatenate([reactivated, new.astype(x.dtype)], axis=-1)
+    x = self.sfr(x.shape[-1], name='sfr')(new, x, train)
+    return jnp.concatenate([x, new.astype(x.dtype)], axis=-1)
 
 
 class SFRDenseBlock(nn.Module):
@@ -479,6 +488,9 @@ class CondenseNetV2(nn.Module):
   bn_axis_name: Optional[str] = None
   execution: Execution = Execution()
 
+  # The official V2 layers change their stage only while progress < 0.5005 (condense.stage_at).
+  condensing_stops_at_half = True
+
   def check(self):
     """Raises ValueError naming the field and the fix when the architecture cannot be built."""
     _check_dense_layers(self)
@@ -503,21 +515,30 @@ class CondenseNetV2(nn.Module):
     """The activation of dense block `block` (1-based)."""
     return 'hard_swish' if block - 1 >= self.hs_start_block else 'relu'
 
+  def conv_1(self, activation: str, pixels: int, train: bool) -> ModuleDef:
+    """Factory of the dense layers' 1x1 convolutions: learned group convolutions."""
+    del pixels, train  # one form everywhere
+    return functools.partial(layers.LearnedGroupConv, groups=self.group_1x1,
+                             condense_factor=self.condense_factor, activation=activation,
+                             dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+
+  def sfr(self, activation: str) -> ModuleDef:
+    """Factory of the sparse feature reactivations (masked)."""
+    return functools.partial(layers.SparseFeatureReactivation, groups=self.group_trans,
+                             condense_factor=self.trans_factor, activation=activation,
+                             dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
     self.check()
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
       act = self.activation(b)
-      conv_1 = functools.partial(layers.LearnedGroupConv, groups=self.group_1x1,
-                                 condense_factor=self.condense_factor, activation=act, **common)
+      conv_1 = self.conv_1(act, x.shape[1] * x.shape[2], train)
       conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1,
                                  activation=act)
-      sfr = functools.partial(layers.SparseFeatureReactivation, groups=self.group_trans,
-                              condense_factor=self.trans_factor, activation=act, **common)
-      x = SFRDenseBlock(n, k, self.bottleneck, conv_1, conv_2, sfr,
+      x = SFRDenseBlock(n, k, self.bottleneck, conv_1, conv_2, self.sfr(act),
                         use_se=b - 1 >= self.se_start_block, dtype=self.dtype,
                         name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):
@@ -530,6 +551,38 @@ class CondenseNetV2(nn.Module):
     x = jax.nn.hard_swish(x)
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
                     name='classifier')(x).astype(jnp.float32)
+
+
+class CondensedCondenseNetV2(CondenseNetV2):
+  """CondenseNetV2, condensed inference form (what `condense.export` returns for a
+  `CondenseNetV2`): each LGC an index gather, BN, activation, a 1x1 convolution with
+  `group_1x1` groups and a channel shuffle (`layers.CondensedConv`); each SFR a BN,
+  activation, channel shuffle, a 1x1 convolution with `group_trans` groups and a scatter-add
+  of its outputs into the layer input (`layers.CondensedSFR`). The classifier is not
+  condensed. Variables: `{'params', 'batch_stats', 'indices'}`; no masks.
+  """
+
+  def conv_1(self, activation: str, pixels: int, train: bool) -> ModuleDef:
+    """Factory of the condensed 1x1 convolutions over maps of `pixels` pixels, in the form the
+    execution picks for them (`Execution.condensed_conv`)."""
+    return functools.partial(layers.CondensedConv, groups=self.group_1x1,
+                             condense_factor=self.condense_factor, activation=activation,
+                             form=self.execution.condensed_conv(pixels, train),
+                             dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+
+  def sfr(self, activation: str) -> ModuleDef:
+    """Factory of the condensed sparse feature reactivations."""
+    return functools.partial(layers.CondensedSFR, groups=self.group_trans,
+                             condense_factor=self.trans_factor, activation=activation,
+                             lowering=self.execution.lowering(),
+                             placement=self.execution.sfr_placement(), dtype=self.dtype,
+                             bn_axis_name=self.bn_axis_name)
+
+  @classmethod
+  def from_model(cls, model: CondenseNetV2) -> 'CondensedCondenseNetV2':
+    """The condensed form of a training-form `model`: its architecture and how it runs."""
+    return from_architecture(cls, architecture(model),
+                             **{f: getattr(model, f) for f in RUNTIME_FIELDS})
 
 
 # Named variants (CIFAR rows: 10 classes; set num_classes=100 for CIFAR-100).

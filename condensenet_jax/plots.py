@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 from flax import traverse_util
 
-from condensenet_jax import models
+from condensenet_jax import condense, models
 
 
 def pyplot():
@@ -88,26 +88,35 @@ def curves(records: list[dict[str, Any]], path: str, title: str = '',
   return path
 
 
-def _layers(masks, kernels=None) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
-  """`{block: [(layer, mask (in, G), kernel (in, out) or None), ...]}` of the learned group
-  convolutions, blocks and layers in order; kernels from `kernels` (params) when given."""
+def _layers(masks, kernels=None,
+            kind: str = 'lgc') -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+  """`{block: [(layer, mask (rows, G), kernel (rows, cols) or None), ...]}` of the learned
+  group convolutions (`kind='lgc'`: rows are inputs) or of CondenseNetV2's sparse feature
+  reactivations (`'sfr'`: rows are the outputs, the kernel transposed), blocks and layers in
+  order; kernels from `kernels` (params) when given."""
   flat_kernels = traverse_util.flatten_dict(kernels) if kernels is not None else {}
   blocks = {}
   for key, mask in traverse_util.flatten_dict(masks).items():
+    if condense.is_sfr(key[:-1]) != (kind == 'sfr'):
+      continue
     block, layer = (int(k.rsplit('_', 1)[1]) for k in key[:2])
     kernel = flat_kernels.get(key[:-1] + ('kernel',))
-    blocks.setdefault(block, []).append(
-        (layer, np.asarray(mask), None if kernel is None else np.asarray(kernel)[0, 0]))
+    if kernel is not None:
+      kernel = np.asarray(kernel)[0, 0]
+      kernel = kernel.T if kind == 'sfr' else kernel
+    blocks.setdefault(block, []).append((layer, np.asarray(mask), kernel))
   return {b: sorted(layers, key=lambda t: t[0]) for b, layers in sorted(blocks.items())}
 
 
-def connectivity_maps(model, masks, params) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def connectivity_maps(model, masks, params,
+                      kind: str = 'lgc') -> dict[int, tuple[np.ndarray, np.ndarray]]:
   """`{block: (kept, weight)}`, each `[layers, layers]`: row `l - 1` is layer `l`; column 0
   is the block's input, column `k` layer `k`'s features (the last layer feeds none). `kept`:
   the fraction of (channel, group) connections the masks keep; `weight`: the mean absolute
-  weight of the kept connections (NaN where a source comes after the layer)."""
+  weight of the kept connections (NaN where a source comes after the layer). With
+  `kind='sfr'` (CondenseNetV2) the same for the features each layer's SFR writes back to."""
   maps = {}
-  for block, layers in _layers(masks, params).items():
+  for block, layers in _layers(masks, params, kind).items():
     growth = model.growth[block - 1]
     first_in = layers[0][1].shape[0]
     n = len(layers)
@@ -126,18 +135,21 @@ def connectivity_maps(model, masks, params) -> dict[int, tuple[np.ndarray, np.nd
   return maps
 
 
-def connectivity(model, masks, params, path: str, title: str = '') -> str:
-  """Draws `connectivity_maps` of every dense block into the PNG `path`."""
+def connectivity(model, masks, params, path: str, title: str = '', kind: str = 'lgc') -> str:
+  """Draws `connectivity_maps` of every dense block into the PNG `path`: what each layer
+  reads (`kind='lgc'`) or, for CondenseNetV2's SFRs (`'sfr'`), what it reactivates."""
   plt = pyplot()
-  maps = connectivity_maps(model, masks, params)
+  maps = connectivity_maps(model, masks, params, kind)
   fig, axes = plt.subplots(2, len(maps), figsize=(4.5 * len(maps), 8), squeeze=False)
+  kept_name = 'fraction of connections kept' if kind == 'lgc' else 'fraction reactivated'
+  axis = 'source' if kind == 'lgc' else 'target'
   for col, (block, (kept, weight)) in enumerate(maps.items()):
-    for row, (values, name, cmap) in enumerate(((kept, 'fraction of connections kept', 'Blues'),
+    for row, (values, name, cmap) in enumerate(((kept, kept_name, 'Blues'),
                                                 (weight, 'mean |kept weight|', 'Reds'))):
       ax = axes[row, col]
       image = ax.imshow(values, cmap=cmap, vmin=0, aspect='auto')
       ax.set_title(f'block {block}: {name}', fontsize=9)
-      ax.set_xlabel('source: block input, then layer k')
+      ax.set_xlabel(f'{axis}: block input, then layer k')
       ax.set_ylabel('layer')
       ax.set_xticks(range(values.shape[1]), ['in'] + [str(k) for k in range(1, values.shape[1])],
                     fontsize=6)
@@ -190,9 +202,12 @@ def write_all(workdir: str, model, variables: dict[str, Any],
   written = [curves(read_metrics(workdir), os.path.join(out, 'curves.png'), title,
                     event_steps)]
   masks = variables.get('masks')
-  if masks and isinstance(model, models.CondenseNet):
+  if masks and models.condenses(model):
     title += f', step {step}' if step is not None else ''
     written.append(connectivity(model, masks, variables['params'],
                                 os.path.join(out, 'connectivity.png'), title))
     written.append(kept_per_group(masks, os.path.join(out, 'kept_per_group.png'), title))
+    if isinstance(model, models.CondenseNetV2):
+      written.append(connectivity(model, masks, variables['params'],
+                                  os.path.join(out, 'reactivation.png'), title, kind='sfr'))
   return written

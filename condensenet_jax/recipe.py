@@ -39,9 +39,16 @@ def build_model(config, num_classes: int, backend: Optional[str] = None,
   if m.name == 'CondenseNet':
     return models.CondenseNet(condense_factor=m.condense_factor, dropout_rate=m.dropout_rate,
                               **common)
+  if m.name == 'CondenseNetV2':
+    return models.CondenseNetV2(
+        condense_factor=m.condense_factor, group_trans=m.group_trans,
+        trans_factor=m.trans_factor, hs_start_block=m.hs_start_block,
+        se_start_block=m.se_start_block, last_se_reduction=m.last_se_reduction,
+        fc_channel=m.fc_channel, **common)
   if m.name == 'DenseNet':
     return models.DenseNet(reduction=m.reduction, **common)
-  raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet' or 'DenseNet'.")
+  raise ValueError(f"config.model.name={m.name!r}: use 'CondenseNet', 'CondenseNetV2' or "
+                   "'DenseNet'.")
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

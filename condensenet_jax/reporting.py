@@ -10,6 +10,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from condensenet_jax import models
+
 
 class ProgressBar:
   """One line per epoch, redrawn in place on a terminal; printed every `every` steps (and at
@@ -149,8 +151,10 @@ def event_line(masks, model, step: int, stage: int) -> str:
     kept += int(mask.sum())
     total += mask.size
   c = model.condense_factor
+  v2 = isinstance(model, models.CondenseNetV2)
+  what = 'inputs (outputs, in the SFRs)' if v2 else 'inputs'
   return (f'condensing event {stage}/{c - 1} at step {step}: stage {stage}, every group keeps '
-          f'{c - stage}/{c} of its inputs ({kept}/{total} mask entries kept)')
+          f'{c - stage}/{c} of its {what} ({kept}/{total} mask entries kept)')
 
 
 def epochs(n: int) -> str:

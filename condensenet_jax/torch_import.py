@@ -56,8 +56,11 @@ def _official_key(collection: str, path: tuple[str, ...], condensed: bool) -> st
   return stem + '.conv.weight'  # LGC, Conv and transition kernels
 
 
-def _torch_shape(collection, path, shape, flat_shapes):
+def _torch_shape(collection, path, shape, flat_shapes, model):
   """The official array shape for a Flax leaf of shape `shape`."""
+  if collection == 'indices' and condense.is_sfr(path[:-1]):
+    # The official converted SFR keeps a dense (kept, features) 0/1 matrix, ours its argmax.
+    return (shape[0], shape[0] * model.trans_factor // model.group_trans)
   if collection == 'masks':
     kernel = flat_shapes[('params',) + path[:-1] + ('kernel',)]
     return (kernel[3], kernel[2], 1, 1)
@@ -100,11 +103,19 @@ def _mask_groups(model, path) -> int:
   return getattr(model, 'group_1x1', 1)
 
 
+def _index_from_matrix(key, array):
+  """An official converted SFR's (kept, features) matrix -> the position each row adds to."""
+  if not (np.isin(array, (0, 1)).all() and (array.sum(axis=1) == 1).all()):
+    raise StateDictError(f'{key}: every row must hold one 1 and zeros (the position that grouped '
+                         'output is added to); this is not a converted SFR index.')
+  return np.argmax(array, axis=1)
+
+
 def _to_flax(collection, key, array, groups, sfr=False):
   if collection == 'masks':
     return _mask_from_torch(key, array, groups, sfr).astype(np.float32)
   if collection == 'indices':
-    return array.astype(np.int32)
+    return (_index_from_matrix(key, array) if sfr else array).astype(np.int32)
   if array.ndim == 4:
     return np.ascontiguousarray(array.transpose(2, 3, 1, 0)).astype(np.float32)
   if array.ndim == 2:
@@ -129,9 +140,11 @@ def _load(model, state_dict, condensed: bool):
   expected_keys = set()
   for (collection, *path), shape in flat_shapes.items():
     path = tuple(path)
-    key = _official_key(collection, path, condensed)
+    # Only V1's converted classifier is condensed (`classifier.linear.*`).
+    key = _official_key(collection, path,
+                        condensed and isinstance(model, models.CondensedCondenseNet))
     expected_keys.add(key)
-    want = _torch_shape(collection, path, shape, flat_shapes)
+    want = _torch_shape(collection, path, shape, flat_shapes, model)
     if key not in state:
       problems.append(f'missing key {key} (expected shape {want})')
       continue
@@ -140,7 +153,7 @@ def _load(model, state_dict, condensed: bool):
       problems.append(f'{key}: expected shape {want}, found {tuple(found)}')
       continue
     try:
-      sfr = collection == 'masks' and condense.is_sfr(path[:-1])
+      sfr = collection in ('masks', 'indices') and condense.is_sfr(path[:-1])
       flat[(collection,) + path] = _to_flax(collection, key, state[key],
                                             _mask_groups(model, path), sfr)
     except StateDictError as e:
@@ -170,6 +183,8 @@ def _check_indices(indices, model):
   for key, index in traverse_util.flatten_dict(indices).items():
     if key[:-1] == ('classifier',):
       limit = model.num_features
+    elif condense.is_sfr(key[:-1]):  # positions in the layer input: kept * T / G of them
+      limit = index.shape[0] * model.trans_factor // model.group_trans
     else:  # kept = in * G / C
       limit = index.shape[0] * model.condense_factor // model.group_1x1
     if index.size and (index.min() < 0 or index.max() >= limit):
@@ -212,15 +227,17 @@ def load_state_dict(model, state_dict: Mapping[str, Any]):
     StateDictError: (a ValueError) listing every missing, unexpected or misshapen key, a mask
       that is not group-structured, or `_count` / `_stage` that disagree with a mask.
   """
-  if isinstance(model, models.CondensedCondenseNet):
+  if isinstance(model, (models.CondensedCondenseNet, models.CondensedCondenseNetV2)):
     raise TypeError('load_state_dict takes the training form; use load_converted_state_dict '
-                    'for a CondensedCondenseNet.')
+                    f'for a {type(model).__name__}.')
   return _load(model, state_dict, condensed=False)
 
 
 def load_converted_state_dict(condensed_model: models.CondensedCondenseNet,
                               state_dict: Mapping[str, Any]):
-  """Official converted state dict -> `{'params', 'batch_stats', 'indices'}`.
+  """Official converted state dict -> `{'params', 'batch_stats', 'indices'}`, for a
+  `CondensedCondenseNet` (V1's `models/condensenet_converted.py`) or a `CondensedCondenseNetV2`
+  (V2's `convert_model`, whose SFR index is a dense 0/1 matrix read into positions).
 
   Raises:
     TypeError: `condensed_model` is not a `CondensedCondenseNet`.
@@ -229,7 +246,8 @@ def load_converted_state_dict(condensed_model: models.CondensedCondenseNet,
     ValueError: copies of a gathered channel with different BN terms while the model may skip
       its gathers (`condense.check_gathered_norms`).
   """
-  if not isinstance(condensed_model, models.CondensedCondenseNet):
+  if not isinstance(condensed_model, (models.CondensedCondenseNet,
+                                      models.CondensedCondenseNetV2)):
     raise TypeError('load_converted_state_dict takes a CondensedCondenseNet (e.g. '
                     'models.CondensedCondenseNet.from_model(model)); use load_state_dict for the '
                     'training form.')

@@ -55,9 +55,9 @@ class TrainState:
 def _apply_events(state: TrainState, model, total_steps: int):
   """Masks for this step: the condensing events of every stage entered since the last step
   (one, at the first step of a stage; more only if a stage lasted zero steps)."""
-  c = model.condense_factor
-  stage = condense.stage_at(state.step, total_steps, c)
-  previous = condense.stage_at(jnp.maximum(state.step - 1, 0), total_steps, c)
+  c, half = model.condense_factor, model.condensing_stops_at_half
+  stage = condense.stage_at(state.step, total_steps, c, half)
+  previous = condense.stage_at(jnp.maximum(state.step - 1, 0), total_steps, c, half)
   event = lambda _, masks: condense.condense_event(state.params, masks, model)
   return lax.fori_loop(0, stage - previous, event, state.masks), stage
 
@@ -227,9 +227,10 @@ def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
 
 
 def _stage(run: Run, step: int) -> int:
-  if not isinstance(run.model, models.CondenseNet):
+  if not models.condenses(run.model):
     return 0
-  return condense.stage_at(step, run.total_steps, run.model.condense_factor)
+  return condense.stage_at(step, run.total_steps, run.model.condense_factor,
+                           run.model.condensing_stops_at_half)
 
 
 def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
@@ -240,8 +241,9 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   `preemption.Preempted`."""
   config, model = run.config, run.model
   lead = jax.process_index() == 0
-  event_steps = (condense.event_steps(run.total_steps, model.condense_factor)
-                 if isinstance(model, models.CondenseNet) else [])
+  event_steps = (condense.event_steps(run.total_steps, model.condense_factor,
+                                     model.condensing_stops_at_half)
+                 if models.condenses(model) else [])
   step = int(jax.device_get(state.step))
   batches = train_batches(run, step)
   bar = None
@@ -304,9 +306,9 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
                  test_examples=masked['examples'])
   log(f'test accuracy of the trained model: {masked["accuracy"]:.4f} '
       f'({masked["examples"]} images)')
-  if isinstance(model, models.CondenseNet):
-    summary['condensing_event_steps'] = condense.event_steps(run.total_steps,
-                                                             model.condense_factor)
+  if models.condenses(model):
+    summary['condensing_event_steps'] = condense.event_steps(
+        run.total_steps, model.condense_factor, model.condensing_stops_at_half)
     small, small_vars = condense.export(model, jax.device_get(state.variables()),
                                         classifier_keep=config.classifier_keep)
     condensed = evaluate(run, small, replicate(small_vars, NamedSharding(run.mesh, P())))

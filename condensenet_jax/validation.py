@@ -4,7 +4,7 @@ Every check raises ValueError with one line that names the field, the value and 
 command line prints that line as it is (`train.py`).
 """
 
-from condensenet_jax import data, models, reporting
+from condensenet_jax import condense, data, models, reporting
 from condensenet_jax.execution import Execution
 
 # Config fields that must be positive integers, and what each one counts.
@@ -63,7 +63,7 @@ def check_model_and_data(config, model, dataset: data.DataSource) -> None:
     ValueError: an architecture that cannot be built (`CondenseNet.check`), images of another
       size than the model takes, or fewer steps than the condensing events need.
   """
-  if isinstance(model, models.CondenseNet):
+  if models.condenses(model):
     model.check()
   size, needed = dataset.image_size, models.default_image_size(model)
   if size != needed:
@@ -73,10 +73,18 @@ def check_model_and_data(config, model, dataset: data.DataSource) -> None:
         f"stem='{'cifar' if size == 32 else 'imagenet'}' or a matching number of stages.")
   per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
   total = config.num_epochs * per_epoch
-  if isinstance(model, models.CondenseNet) and total < 2 * (model.condense_factor - 1):
-    c = model.condense_factor
+  if not models.condenses(model):
+    return
+  c = model.condense_factor
+  steps = f'{total} training steps ({reporting.epochs(config.num_epochs)} of {per_epoch})'
+  if total < 2 * (c - 1):
     raise ValueError(
-        f'{total} training steps ({reporting.epochs(config.num_epochs)} of {per_epoch}) are too '
-        f'few for condense_factor={c}: its {c - 1} condensing events need at least '
-        f'{2 * (c - 1)} steps (the condensing stages take the first half of training); raise '
-        'config.num_epochs.')
+        f'{steps} are too few for condense_factor={c}: its {c - 1} condensing events need at '
+        f'least {2 * (c - 1)} steps (the condensing stages take the first half of training); '
+        'raise config.num_epochs.')
+  if len(condense.event_steps(total, c, model.condensing_stops_at_half)) < c - 1:
+    raise ValueError(
+        f"{steps} never reach CondenseNetV2's last condensing event: it falls at step "
+        f'{-(-total // 2)}, after the official guard stops condensing (progress 0.5005, step '
+        f'{condense.last_stage_step(total)}), and the model would not be fully condensed; '
+        'make the total an even number of steps or more than 1000 (config.num_epochs).')

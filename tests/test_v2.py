@@ -13,7 +13,12 @@ import pytest
 
 from conftest import FIXTURES, V2_FIXTURE_NAMES, max_relative_error
 from test_fixtures import _npz_entries
-from condensenet_jax import condense, flops, models, torch_import
+from condensenet_jax import checkpoint, cli, condense, data, flops, models, torch_import
+from condensenet_jax import train, validation
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import digits_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_v2_fixtures.py'
 
@@ -132,3 +137,142 @@ def test_make_v2_fixtures_reproduces_the_files(name, regenerated):
     assert [n for n, _ in made] == [n for n, _ in committed]
     differ = [n for (n, a), (_, b) in zip(made, committed) if a != b]
     assert not differ, f'{len(differ)} entries differ, e.g. {differ[:5]}'
+
+
+def test_export_equals_the_official_converted_model(v2_fixture):
+  model, c = v2_fixture.model, v2_fixture.condense_factor
+  variables = torch_import.load_state_dict(model, v2_fixture.state_dict(f'state{c - 1}'))
+  small, small_vars = condense.export(model, variables)
+  assert isinstance(small, models.CondensedCondenseNetV2)
+  logits = jax.jit(small.apply)(small_vars, v2_fixture.x)
+  assert max_relative_error(logits, v2_fixture.arrays['converted_logits']) < 1e-5
+  # The official converted state dict, read into the condensed model, is our export.
+  official = torch_import.load_converted_state_dict(small, v2_fixture.state_dict('converted'))
+  _assert_trees_equal(official, jax.tree.map(np.asarray, small_vars))
+  config = v2_fixture.config
+  assert flops.count(small, config['image_size']) == (config['flops_converted'],
+                                                       config['params_converted'])
+
+
+def test_export_keeps_the_function_of_the_masked_model():
+  model = models.CondenseNetV2Tiny()
+  from conftest import randomize  # pylint: disable=g-import-not-at-top
+  variables = randomize(models.init_variables(model, seed=3), seed=3)
+  masks = condense.condense_all(variables['params'], variables['masks'], model)
+  variables = {**variables, 'masks': masks}
+  small, small_vars = condense.export(model, variables)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  expected = jax.jit(model.apply)(variables, x)
+  # 'keep': the SFRs place their outputs by gathers; otherwise by one scatter.
+  for policy in (models.Execution(condensed_gathers='keep', conv_lowering='grouped'),
+                 models.Execution(condensed_gathers='skip'), models.Execution()):
+    actual = jax.jit(small.clone(execution=policy).apply)(small_vars, x)
+    assert max_relative_error(actual, expected) < 1e-5, policy
+  with pytest.raises(ValueError, match='export needs every layer fully condensed'):
+    condense.export(model, {**variables, 'masks': condense.condense_event(
+        variables['params'], models.init_variables(model)['masks'], model)})
+
+
+def test_a_converted_sfr_index_that_is_not_one_hot_is_named(fixture_by_name):
+  fixture = fixture_by_name('v2_tiny_cifar')
+  small = models.CondensedCondenseNetV2.from_model(fixture.model)
+  state = fixture.state_dict('converted')
+  key = 'features.denseblock_1.denselayer_1.sfr.index'
+  state[key][0] = 1
+  with pytest.raises(torch_import.StateDictError, match=r'sfr\.index: every row must hold one'):
+    torch_import.load_converted_state_dict(small, state)
+  with pytest.raises(TypeError, match='use load_converted_state_dict for a CondensedCondenseNetV2'):
+    torch_import.load_state_dict(small, state)
+
+
+def _official_v2_stage(progress, condense_factor, previous):
+  """The official V2 `_check_drop`: the V1 stage rule, applied only while progress < 0.5005."""
+  if progress * 2 >= 1 + 1e-3:
+    return previous
+  for i in range(condense_factor - 1):
+    if progress * 2 < (i + 1) / (condense_factor - 1):
+      return i
+  return condense_factor - 1
+
+
+@pytest.mark.parametrize('total,condense_factor', [(46, 4), (690, 4), (97, 4), (2002, 8)])
+def test_stage_at_follows_the_official_v2_guard(total, condense_factor):
+  stage, official = 0, []
+  for s in range(total + 1):
+    stage = _official_v2_stage(s / total, condense_factor, stage)
+    official.append(stage)
+  ours = [condense.stage_at(s, total, condense_factor, stops_at_half=True)
+          for s in range(total + 1)]
+  assert ours == official
+  traced = jax.jit(lambda s: condense.stage_at(s, total, condense_factor, True))(
+      np.arange(total + 1))
+  np.testing.assert_array_equal(traced, ours)
+  fired = [s for s in range(1, total + 1) if official[s] != official[s - 1]]
+  assert condense.event_steps(total, condense_factor, stops_at_half=True) == fired
+
+
+def test_a_run_whose_last_event_the_guard_skips_is_refused():
+  config = digits_v2.get_config()
+  config.num_epochs = 1  # 23 steps: the last event would fall at step 12, after the guard
+  dataset = data.digits()
+  model = train.recipe.build_model(config, 10)
+  with pytest.raises(ValueError, match="never reach CondenseNetV2's last condensing event"):
+    validation.check_model_and_data(config, model, dataset)
+  config.num_epochs = 2
+  validation.check_model_and_data(config, model, dataset)
+
+
+@pytest.fixture(scope='module')
+def v2_run(tmp_path_factory):
+  """A finished tiny CondenseNetV2 digits run: two epochs (46 steps), one layer per block."""
+  workdir = tmp_path_factory.mktemp('v2') / 'digits_v2'
+  config = digits_v2.get_config()
+  config.num_epochs = 2
+  config.model.stages = (1, 1, 1)
+  config.model.growth = (4, 8, 8)
+  config.model.last_se_reduction = 4
+  config.eval_every_epochs = 0
+  summary = train.train_and_evaluate(config, str(workdir))
+  return workdir, summary
+
+
+@pytest.mark.slow
+def test_a_v2_run_condenses_exports_and_draws(v2_run):
+  workdir, summary = v2_run
+  assert summary['condensing_event_steps'] == [8, 16, 23]
+  # The classifier is not condensed: the export computes the trained model's function.
+  assert abs(summary['condensed_accuracy'] - summary['accuracy']) <= 1 / 359
+  for picture in ('curves.png', 'connectivity.png', 'kept_per_group.png', 'reactivation.png'):
+    assert (workdir / picture).stat().st_size > 0, picture
+  small, _ = checkpoint.load_condensed(str(workdir / 'condensed'))
+  assert isinstance(small, models.CondensedCondenseNetV2)
+
+
+@pytest.mark.slow
+def test_tools_on_a_v2_run(v2_run, capsys):
+  tf = pytest.importorskip('tensorflow')
+  workdir, summary = v2_run
+  assert cli.main(['evaluate', str(workdir)]) == 0
+  result = json.loads((workdir / 'eval.json').read_text())['digits']
+  assert result['form'] == 'trained'
+  assert result['top1'] == pytest.approx(summary['accuracy'])
+  assert cli.main(['inspect', str(workdir)]) == 0
+  assert 'denseblock_3/denselayer_1' in capsys.readouterr().out
+  images = data.digits().test_images[:16]
+  expected = np.asarray(checkpoint.load_classifier(str(workdir / 'condensed'))(images))
+  assert cli.main(['export', str(workdir), '--format', 'jax']) == 0
+  exported = jax.export.deserialize(
+      bytearray((workdir / 'export' / 'condensed.jax').read_bytes()))
+  np.testing.assert_allclose(exported.call(images), expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())
+  assert cli.main(['export', str(workdir), '--format', 'tflite']) == 0
+  interpreter = tf.lite.Interpreter(model_path=str(workdir / 'export' / 'condensed.tflite'))
+  interpreter.allocate_tensors()
+  source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+  logits = []
+  for image in images:
+    interpreter.set_tensor(source['index'], image[None])
+    interpreter.invoke()
+    logits.append(interpreter.get_tensor(sink['index'])[0])
+  np.testing.assert_allclose(np.stack(logits), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())

@@ -73,8 +73,9 @@ def export_tflite(item: artifacts.Loaded, path: str, batch_size: int = 1) -> dic
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   size = item.preprocessing['image_size']
-  # The TFLite runtime takes no scatter of the gather-free form: the gathers are kept. Its
-  # grouped convolutions (XNNPACK) beat the block-diagonal form: docs/performance.md#latency.
+  # The TFLite runtime takes no scatter-add (the gather-free form's, a CondenseNetV2 SFR's):
+  # the gathers are kept and SFRs place their outputs by gathers. Its grouped convolutions
+  # (XNNPACK) beat the block-diagonal form: docs/performance.md#latency.
   fn = serving_function(item, Execution(backend='cpu', condensed_gathers='keep',
                                         conv_lowering='grouped', eval_chunk=0))
   signature = [tf.TensorSpec((batch_size, size, size, 3), tf.uint8, name='images')]

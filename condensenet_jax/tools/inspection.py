@@ -55,11 +55,13 @@ def table(item: artifacts.Loaded) -> list[dict]:
   """The rows of `item`'s table, the totals last."""
   model = item.model
   size = models.default_image_size(model)
-  if isinstance(model, models.CondenseNet):
+  if models.condenses(model):
+    v2 = isinstance(model, models.CondenseNetV2)
+    trained_cls, condensed_cls = ((models.CondenseNetV2, models.CondensedCondenseNetV2) if v2
+                                  else (models.CondenseNet, models.CondensedCondenseNet))
     fields = {k: v for k, v in models.architecture(model).items() if k != 'classifier_keep'}
-    trained = models.from_architecture(models.CondenseNet, fields)
-    condensed = (model if isinstance(model, models.CondensedCondenseNet)
-                 else models.CondensedCondenseNet.from_model(model))
+    trained = models.from_architecture(trained_cls, fields)
+    condensed = (model if isinstance(model, condensed_cls) else condensed_cls.from_model(model))
     inputs = {f'denseblock_{b}/denselayer_{l}': c
               for b, l, c, _ in models.dense_layer_inputs(model.stages, model.growth)}
     groups = model.group_1x1

@@ -6,7 +6,9 @@ Writes `curves.png` (training loss, training and test accuracy, learning rate, w
 condensing stages and events marked) and, from the latest checkpoint's masks,
 `connectivity.png` (for every dense block, which earlier layers' features each layer still
 reads: the fraction of connections kept and their mean absolute weight) and
-`kept_per_group.png` into the workdir (`--out` elsewhere). Training draws them at its end.
+`kept_per_group.png` into the workdir (`--out` elsewhere); for a CondenseNetV2 also
+`reactivation.png` (which earlier features each layer's SFR writes back to). Training draws
+them at its end.
 """
 
 import json
