@@ -7,6 +7,7 @@ momentum, PyTorch's coupled weight decay and a per-step cosine schedule.
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -52,8 +53,9 @@ def build_model(config, num_classes: int, backend: Optional[str] = None,
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """Cosine decay per step to 0 (official), after an optional linear warmup; the peak is
-  `learning_rate * batch_size / lr_base_batch_size` when `lr_base_batch_size` is set."""
+  """Cosine decay per step to 0 (official), after an optional linear warmup from
+  `warmup_initial_lr`; the peak is `learning_rate * batch_size / lr_base_batch_size` when
+  `lr_base_batch_size` is set."""
   peak = config.learning_rate
   if config.lr_base_batch_size:
     peak *= config.batch_size / config.lr_base_batch_size
@@ -61,10 +63,15 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   cosine = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
   if not warmup:
     return cosine
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), cosine], [warmup])
+  return optax.join_schedules(
+      [optax.linear_schedule(config.warmup_initial_lr, peak, warmup), cosine], [warmup])
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum and PyTorch's coupled weight decay (added to the gradient)."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+  """SGD with Nesterov momentum and PyTorch's coupled weight decay (added to the gradient);
+  with `weight_decay_vectors=False` no decay of the 1-D parameters (BN scales and biases,
+  biases), as timm's optimizer factory does for CondenseNetV2."""
+  mask = None if config.weight_decay_vectors else (
+      lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))

@@ -93,7 +93,12 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
     logits, updates = model.apply(
         {**state.variables(masks), 'params': params}, x, train=True,
         mutable=['batch_stats'], rngs={'dropout': dropout_key})
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    if config.label_smoothing:  # (1 - s) on the label, s spread over all classes
+      targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
+                                    config.label_smoothing)
+      ce = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     lasso = condense.group_lasso(params, masks) if use_lasso else jnp.zeros(())
     weight = config.group_lasso * condense.is_condensing(stage, model.condense_factor) \
         if use_lasso else 0.0

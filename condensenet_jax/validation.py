@@ -14,7 +14,8 @@ _POSITIVE_INTS = {'batch_size': 'the global batch size',
                   'log_every_steps': 'the number of steps between log lines',
                   'keep_checkpoints': 'the number of checkpoints kept'}
 _NON_NEGATIVE = ('learning_rate', 'weight_decay', 'group_lasso', 'warmup_epochs',
-                 'checkpoint_every_steps', 'eval_every_epochs', 'crop_padding')
+                 'warmup_initial_lr', 'checkpoint_every_steps', 'eval_every_epochs',
+                 'crop_padding')
 # Config fields that were renamed: a config that still sets one is told the new name.
 RENAMED_FIELDS = {'model.conv_lowering': 'execution.conv_lowering',
                   'model.dense_blocks': 'execution.dense_block_form',
@@ -28,8 +29,8 @@ def validate(config, devices: int) -> None:
 
   Raises:
     ValueError: a renamed field, a count that is not a positive integer, a negative rate, a
-      classifier fraction outside (0, 1], an unknown dataset, a batch that the devices do not
-      divide, or an unknown execution choice.
+      label smoothing outside [0, 1), a classifier fraction outside (0, 1], an unknown
+      dataset, a batch that the devices do not divide, or an unknown execution choice.
   """
   for old, new in RENAMED_FIELDS.items():
     parent, _, leaf = old.rpartition('.')
@@ -42,6 +43,9 @@ def validate(config, devices: int) -> None:
   for field in _NON_NEGATIVE:
     if config[field] < 0:
       raise ValueError(f'config.{field}={config[field]!r} must not be negative.')
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f'config.label_smoothing={config.label_smoothing!r} must be in [0, 1) '
+                     '(the probability spread over all classes; 0.1 in the V2 recipe).')
   if not 0 < config.classifier_keep <= 1:
     raise ValueError(f'config.classifier_keep={config.classifier_keep!r} must be in (0, 1] '
                      '(the fraction of classifier inputs the export keeps).')

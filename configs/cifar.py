@@ -26,9 +26,12 @@ def get_config():
   config.learning_rate = 0.1
   config.lr_base_batch_size = 0   # 0: no linear scaling; else lr *= batch_size / this
   config.warmup_epochs = 0.0
+  config.warmup_initial_lr = 0.0  # the warmup rises linearly from this to the peak
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4      # coupled (added to the gradient), as PyTorch's SGD
+  config.weight_decay_vectors = True  # False: no decay of BN scales/biases and biases (timm)
+  config.label_smoothing = 0.0
   config.group_lasso = 0.0        # lambda; applied during the condensing stages only
   config.dtype = 'float32'        # or 'bfloat16' (activations; params stay float32)
   config.sync_batch_stats = False  # True: BN batch statistics over all devices

@@ -19,7 +19,7 @@ def get_config():
   config = cifar.get_config()
   config.dataset = 'imagenet2012'
   config.batch_size = 256
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512   # divides 8, 16, ... devices (the last batch is padded)
   config.num_epochs = 120
   config.learning_rate = 0.1
   config.lr_base_batch_size = 256

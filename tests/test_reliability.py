@@ -203,6 +203,8 @@ def _tiny_digits():
      '2 training steps (1 epoch of 2) are too few for condense_factor=4: its 3 condensing '
      'events need at least 6 steps'),
     (lambda c: setattr(c, 'dtype', 'float16'), "config.dtype='float16'"),
+    (lambda c: setattr(c, 'label_smoothing', 1.0),
+     'config.label_smoothing=1.0 must be in [0, 1)'),
     (lambda c: setattr(c.model, 'name', 'ResNet'), "config.model.name='ResNet'"),
 ])
 def test_invalid_configs_are_refused_before_compiling(change, message, tmp_path):

@@ -19,6 +19,8 @@ from condensenet_jax import train, validation
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import digits_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import imagenet_cdnv2_a, imagenet_cdnv2_b, imagenet_cdnv2_c
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_v2_fixtures.py'
 
@@ -276,3 +278,42 @@ def test_tools_on_a_v2_run(v2_run, capsys):
     logits.append(interpreter.get_tensor(sink['index'])[0])
   np.testing.assert_allclose(np.stack(logits), expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
+
+
+def test_imagenet_configs_build_the_official_variants():
+  official = json.loads((FIXTURES / 'v2_variants.json').read_text())
+  for name, config in (('cdnv2_a', imagenet_cdnv2_a.get_config()),
+                       ('cdnv2_b', imagenet_cdnv2_b.get_config()),
+                       ('cdnv2_c', imagenet_cdnv2_c.get_config())):
+    model = train.recipe.build_model(config, 1000)
+    assert isinstance(model, models.CondenseNetV2), name
+    assert flops.count(model, 224) == (official[name]['flops'], official[name]['params']), name
+    validation.validate(config, devices=8)
+
+
+def test_the_v2_recipe_schedule_and_weight_decay():
+  config = imagenet_cdnv2_a.get_config()
+  per_epoch, epochs, warmup = 10, config.num_epochs, config.warmup_epochs
+  schedule = train.recipe.learning_rate_schedule(config, per_epoch, epochs * per_epoch)
+
+  def official(step):  # the official LrScheduler, 'cosine' with warm-up, per iteration
+    epoch, batch = divmod(step, per_epoch)
+    if epoch < warmup:
+      return 0.1 + (0.4 - 0.1) * (epoch * per_epoch + batch) / (warmup * per_epoch)
+    total = (epochs - warmup) * per_epoch
+    return 0.5 * 0.4 * (1 + np.cos(np.pi * ((epoch - warmup) * per_epoch + batch) / total))
+  for step in (0, 1, 25, 49, 50, 51, 1000, 3499):
+    assert float(schedule(step)) == pytest.approx(official(step), rel=1e-5, abs=1e-7), step
+  # No decay of the 1-D parameters: a zero gradient leaves them, and only them, unchanged.
+  params = {'norm': {'scale': np.ones(3, np.float32)}, 'kernel': np.ones((2, 3), np.float32)}
+  tx = train.recipe.make_optimizer(config, 1.0)
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert not np.asarray(updates['norm']['scale']).any()
+  np.testing.assert_allclose(updates['kernel'], -4e-5 * (1 + 0.9), rtol=1e-6)  # Nesterov
+
+
+def test_every_imagenet_config_validates_on_eight_devices():
+  from configs import imagenet, imagenet_c8  # pylint: disable=g-import-not-at-top
+  for module in (imagenet, imagenet_c8, imagenet_cdnv2_a, imagenet_cdnv2_b, imagenet_cdnv2_c):
+    validation.validate(module.get_config(), devices=8)
