@@ -99,9 +99,11 @@ class _Counter:
 
 
 def _condensenet(model, image_size):
+  """CondenseNet and CondenseNetV2, training or condensed form."""
   model.check()
   stride, pool = models.stem_geometry(model.stem)
-  condensed = isinstance(model, models.CondensedCondenseNet)
+  v2 = isinstance(model, models.CondenseNetV2)
+  condensed = isinstance(model, (models.CondensedCondenseNet, models.CondensedCondenseNetV2))
   n = _Counter()
   with n.section('init_conv'):
     size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
@@ -114,52 +116,26 @@ def _condensenet(model, image_size):
       previous_block = block
     width = model.bottleneck * growth
     with n.section(f'denseblock_{block}/denselayer_{layer}'):
-      if condensed:
+      if condensed:  # the gathered inputs
         kept = in_channels * model.group_1x1 // model.condense_factor
         n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
       else:
         n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
       n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
-  features = model.num_features
-  with n.section('norm_last'):
-    n.head(features, size, pool)
-  with n.section('classifier'):
-    n.linear(model.num_classifier_inputs if condensed else features, model.num_classes)
-  return n
-
-
-def _condensenet_v2(model, image_size):
-  model.check()
-  stride, pool = models.stem_geometry(model.stem)
-  condensed = isinstance(model, models.CondensedCondenseNetV2)
-  n = _Counter()
-  with n.section('init_conv'):
-    size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)
-  previous_block = 1
-  for block, layer, in_channels, growth in models.dense_layer_inputs(model.stages,
-                                                                     model.growth):
-    if block != previous_block:  # transition: 2x2 average pooling
-      with n.section(f'transition_{previous_block}'):
-        size = n.avg_pool(in_channels, size, 2, 2)
-      previous_block = block
-    width = model.bottleneck * growth
-    with n.section(f'denseblock_{block}/denselayer_{layer}'):
-      if condensed:  # gathered inputs; the SFR's kept outputs, scattered (not counted)
-        kept = in_channels * model.group_1x1 // model.condense_factor
-        n.norm_relu_conv(kept, width, 1, size, groups=model.group_1x1)
-      else:
-        n.norm_relu_conv(in_channels, width, 1, size, divide_by=model.condense_factor)
-      n.norm_relu_conv(width, growth, 3, size, padding=1, groups=model.group_3x3)
-      if block - 1 >= model.se_start_block:
+      if v2 and block - 1 >= model.se_start_block:
         n.squeeze_excite(growth, size, 1)
-      if condensed:
+      if v2 and condensed:  # the SFR's kept outputs (their scatter is not counted)
         kept = in_channels * model.group_trans // model.trans_factor
         n.norm_relu_conv(growth, kept, 1, size, groups=model.group_trans)
-      else:
+      elif v2:
         n.norm_relu_conv(growth, in_channels, 1, size, divide_by=model.trans_factor)
   features = model.num_features
   with n.section('norm_last'):
     n.head(features, size, pool)
+  if not v2:
+    with n.section('classifier'):
+      n.linear(model.num_classifier_inputs if condensed else features, model.num_classes)
+    return n
   with n.section('se_last'):
     n.squeeze_excite(features, 1, model.last_se_reduction)
   with n.section('fc'):
@@ -194,10 +170,8 @@ def _densenet(model, image_size):
 
 
 def _counted(model, image_size: int, what: str) -> _Counter:
-  if isinstance(model, models.CondenseNet):
+  if models.condenses(model):
     return _condensenet(model, image_size)
-  if isinstance(model, models.CondenseNetV2):
-    return _condensenet_v2(model, image_size)
   if isinstance(model, models.DenseNet):
     return _densenet(model, image_size)
   raise TypeError(f'flops.{what} supports CondenseNet, CondensedCondenseNet, CondenseNetV2 and '

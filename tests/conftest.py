@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -125,9 +127,32 @@ def v2_fixture(request):
   return load_fixture(request.param)
 
 
+@pytest.fixture(scope='session', params=FIXTURE_NAMES + V2_FIXTURE_NAMES)
+def any_fixture(request):
+  """Every official fixture, CondenseNet's and CondenseNetV2's."""
+  return load_fixture(request.param)
+
+
 @pytest.fixture(scope='session')
 def fixture_by_name():
   return load_fixture
+
+
+def regenerate(tmp_path_factory, script, env_var: str, repository: str, *args) -> pathlib.Path:
+  """The folder where the fixture `script` wrote its fixtures afresh from the official checkout
+  named by `env_var`; skips without PyTorch or without the variable."""
+  pytest.importorskip('torch', reason=f'{script.name} runs the official PyTorch code, and '
+                                      'PyTorch is not installed')
+  official = os.environ.get(env_var)
+  if not official:
+    pytest.skip(f'{env_var} is not set: point it at a checkout of the official {repository} '
+                f'code to check that tests/fixtures/{script.name} reproduces the fixtures')
+  out = tmp_path_factory.mktemp(script.stem)
+  run = subprocess.run([sys.executable, str(script), '--official-dir', official, '--out',
+                        str(out), *args], capture_output=True, text=True, timeout=600,
+                       check=False)
+  assert run.returncode == 0, run.stdout + run.stderr
+  return out
 
 
 def official_stage(progress, condense_factor):

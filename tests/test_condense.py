@@ -51,9 +51,10 @@ def test_condensing_stages_are_keyed_to_the_condense_factor():
 
 # --- parity with the official code --------------------------------------------------------
 
-def test_condense_event_drops_the_official_channels(fixture):
-  model, c = fixture.model, fixture.condense_factor
-  states = [torch_import.load_state_dict(model, fixture.state_dict(f'state{k}'))
+def test_condense_event_drops_the_official_channels(any_fixture):
+  # CondenseNetV2's fixtures: the LGC inputs and the SFR outputs of each event.
+  model, c = any_fixture.model, any_fixture.condense_factor
+  states = [torch_import.load_state_dict(model, any_fixture.state_dict(f'state{k}'))
             for k in range(c)]
   event = jax.jit(lambda p, m: condense.condense_event(p, m, model))
   for k in range(1, c):

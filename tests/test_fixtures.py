@@ -8,16 +8,13 @@ follows the last masks).
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURE_NAMES, FIXTURES, official_stage
+from conftest import FIXTURE_NAMES, FIXTURES, official_stage, regenerate
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_fixtures.py'
 LGC_ENTRIES = ('conv.weight', '_mask', '_count', '_stage')  # what an event may change
@@ -135,19 +132,8 @@ def _npz_entries(path):
 @pytest.fixture(scope='module')
 def regenerated(tmp_path_factory):
   """The folder where make_fixtures.py wrote every fixture afresh (one run for all)."""
-  pytest.importorskip('torch', reason='make_fixtures.py runs the official PyTorch code, and '
-                                      'PyTorch is not installed')
-  official = os.environ.get('CONDENSENET_OFFICIAL_DIR')
-  if not official:
-    pytest.skip('CONDENSENET_OFFICIAL_DIR is not set: point it at a checkout of the official '
-                'CondenseNet code to check that tests/fixtures/make_fixtures.py reproduces the '
-                'fixtures')
-  out = tmp_path_factory.mktemp('fixtures')
-  run = subprocess.run([sys.executable, str(SCRIPT), '--official-dir', official, '--out', str(out),
-                        '--only', ','.join(FIXTURE_NAMES)],
-                       capture_output=True, text=True, timeout=600, check=False)
-  assert run.returncode == 0, run.stdout + run.stderr
-  return out
+  return regenerate(tmp_path_factory, SCRIPT, 'CONDENSENET_OFFICIAL_DIR', 'CondenseNet',
+                    '--only', ','.join(FIXTURE_NAMES))
 
 
 @pytest.mark.parametrize('name', FIXTURE_NAMES)

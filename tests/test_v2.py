@@ -1,26 +1,25 @@
-"""CondenseNetV2 against the official V2 code: logits of imported weights, masks after every
-LGC and SFR condensing event, the group lasso (fixtures/make_v2_fixtures.py made the numbers)."""
+"""CondenseNetV2: against the official V2 code (fixtures/make_v2_fixtures.py made the numbers:
+logits of imported weights, the group lasso, the export and converted models, FLOPs, the
+stage rule with its guard), then a tiny V2 training run and the tools on it, and the configs.
+The condensing events of every fixture are checked in tests/test_condense.py."""
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, V2_FIXTURE_NAMES, max_relative_error
+from conftest import FIXTURES, V2_FIXTURE_NAMES, max_relative_error, regenerate
 from test_fixtures import _npz_entries
 from condensenet_jax import checkpoint, cli, condense, data, flops, models, torch_import
 from condensenet_jax import train, validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from configs import digits_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import imagenet_cdnv2_a, imagenet_cdnv2_b, imagenet_cdnv2_c
+from configs import digits_v2, imagenet_cdnv2_a, imagenet_cdnv2_b, imagenet_cdnv2_c
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_v2_fixtures.py'
 
@@ -51,18 +50,12 @@ def test_masks_hold_both_kinds_of_layer(v2_fixture):
   assert sfr.shape == (2 * model.growth[0], model.group_trans), first  # (outputs, groups)
 
 
-def test_condense_event_drops_the_official_lgc_inputs_and_sfr_outputs(v2_fixture):
+def test_a_fully_condensed_v2_model_has_no_event_left(v2_fixture):
+  # The events themselves: tests/test_condense.py, on every fixture.
   model, c = v2_fixture.model, v2_fixture.condense_factor
-  states = [torch_import.load_state_dict(model, v2_fixture.state_dict(f'state{k}'))
-            for k in range(c)]
-  event = jax.jit(lambda p, m: condense.condense_event(p, m, model))
-  for k in range(1, c):
-    # Event k is decided on the weights of state k applied to the masks of state k-1.
-    _assert_trees_equal(event(states[k]['params'], states[k - 1]['masks']), states[k]['masks'])
-    _assert_trees_equal(condense.condense_event(states[k]['params'], states[k - 1]['masks'],
-                                                model), states[k]['masks'])
+  last = torch_import.load_state_dict(model, v2_fixture.state_dict(f'state{c - 1}'))
   with pytest.raises(ValueError, match='has already had all'):
-    condense.condense_event(states[-1]['params'], states[-1]['masks'], model)
+    condense.condense_event(last['params'], last['masks'], model)
 
 
 def test_group_lasso_equals_the_official_sums(v2_fixture):
@@ -115,18 +108,7 @@ def test_a_misfit_sfr_mask_is_named(fixture_by_name):
 @pytest.fixture(scope='module')
 def regenerated(tmp_path_factory):
   """The folder where make_v2_fixtures.py wrote every V2 fixture afresh."""
-  pytest.importorskip('torch', reason='make_v2_fixtures.py runs the official PyTorch code, and '
-                                      'PyTorch is not installed')
-  official = os.environ.get('CONDENSENET_OFFICIAL_V2_DIR')
-  if not official:
-    pytest.skip('CONDENSENET_OFFICIAL_V2_DIR is not set: point it at a checkout of the official '
-                'CondenseNetV2 code to check that tests/fixtures/make_v2_fixtures.py reproduces '
-                'the fixtures')
-  out = tmp_path_factory.mktemp('v2_fixtures')
-  run = subprocess.run([sys.executable, str(SCRIPT), '--official-dir', official, '--out',
-                        str(out)], capture_output=True, text=True, timeout=600, check=False)
-  assert run.returncode == 0, run.stdout + run.stderr
-  return out
+  return regenerate(tmp_path_factory, SCRIPT, 'CONDENSENET_OFFICIAL_V2_DIR', 'CondenseNetV2')
 
 
 @pytest.mark.parametrize('name', V2_FIXTURE_NAMES + ('v2_variants',))
