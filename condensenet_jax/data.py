@@ -310,6 +310,43 @@ def augment(images: jax.Array, keys: jax.Array, padding: int, flip: bool) -> jax
   return jax.vmap(one)(images, keys)
 
 
+# Random erasing as timm's `RandomErasing` (CondenseNetV2's recipe): the erased area is a
+# fraction of the image drawn from U(0.02, 1/3), its log aspect ratio from U(log 0.3, log 1/0.3),
+# with up to ten draws until the rectangle fits.
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_ASPECT = (float(np.log(0.3)), float(np.log(1 / 0.3)))
+ERASE_ATTEMPTS = 10
+
+
+def random_erase(x: jax.Array, keys: jax.Array, probability: float) -> jax.Array:
+  """Random erasing in 'pixel' mode on normalized images, one key per example: with
+  `probability`, one rectangle (area and aspect as `ERASE_AREA`, `ERASE_LOG_ASPECT`; the first
+  of `ERASE_ATTEMPTS` draws that fits strictly inside the image, none if none does) is filled
+  with N(0, 1) values, independently per pixel and channel. float [n, h, w, c] -> the same."""
+  n, h, w, c = x.shape
+
+  def one(image, key):
+    k_apply, k_area, k_aspect, k_top, k_left, k_fill = jax.random.split(key, 6)
+    area = jax.random.uniform(k_area, (ERASE_ATTEMPTS,), minval=ERASE_AREA[0],
+                              maxval=ERASE_AREA[1]) * (h * w)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (ERASE_ATTEMPTS,),
+                                        minval=ERASE_LOG_ASPECT[0], maxval=ERASE_LOG_ASPECT[1]))
+    eh = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    ew = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (eh < h) & (ew < w)
+    first = jnp.argmax(fits)  # the first draw that fits (0 if none: then nothing is erased)
+    eh, ew = eh[first], ew[first]
+    top = jax.random.randint(k_top, (), 0, h - eh + 1)
+    left = jax.random.randint(k_left, (), 0, w - ew + 1)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    erase = inside & fits.any() & jax.random.bernoulli(k_apply, probability)
+    noise = jax.random.normal(k_fill, image.shape, jnp.float32).astype(image.dtype)
+    return jnp.where(erase[:, :, None], noise, image)
+
+  return jax.vmap(one)(x, keys)
+
+
 # --- evaluation batches -------------------------------------------------------------------
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int

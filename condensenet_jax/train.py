@@ -52,6 +52,11 @@ class TrainState:
 
 # --- the per-device programs --------------------------------------------------------------
 
+# Random erasing draws from the step's augmentation key folded with this number, far from the
+# example positions the crops and flips fold in, so that turning it on changes nothing else.
+ERASE_STREAM = 2**31 - 1
+
+
 def _apply_events(state: TrainState, model, total_steps: int):
   """Masks for this step: the condensing events of every stage entered since the last step
   (one, at the first step of a stage; more only if a stage lasted zero steps)."""
@@ -86,6 +91,10 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
     example_keys = jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(positions)
     images = data.augment(images, example_keys, config.crop_padding, config.flip)
   x = data.normalize(images, mean, std, recipe.compute_dtype(config))
+  if config.random_erasing:
+    erase_key = jax.random.fold_in(augment_key, ERASE_STREAM)
+    x = data.random_erase(x, jax.vmap(lambda i: jax.random.fold_in(erase_key, i))(positions),
+                          config.random_erasing)
   dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(AXIS))
   use_lasso = bool(state.masks) and config.group_lasso > 0
 

@@ -29,8 +29,9 @@ def validate(config, devices: int) -> None:
 
   Raises:
     ValueError: a renamed field, a count that is not a positive integer, a negative rate, a
-      label smoothing outside [0, 1), a classifier fraction outside (0, 1], an unknown
-      dataset, a batch that the devices do not divide, or an unknown execution choice.
+      label smoothing outside [0, 1), an erasing probability outside [0, 1], a classifier
+      fraction outside (0, 1], an unknown dataset, a batch that the devices do not divide, or
+      an unknown execution choice.
   """
   for old, new in RENAMED_FIELDS.items():
     parent, _, leaf = old.rpartition('.')
@@ -43,6 +44,9 @@ def validate(config, devices: int) -> None:
   for field in _NON_NEGATIVE:
     if config[field] < 0:
       raise ValueError(f'config.{field}={config[field]!r} must not be negative.')
+  if not 0 <= config.random_erasing <= 1:
+    raise ValueError(f'config.random_erasing={config.random_erasing!r} must be a probability '
+                     'in [0, 1] (0.2 in the V2 recipe).')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'config.label_smoothing={config.label_smoothing!r} must be in [0, 1) '
                      '(the probability spread over all classes; 0.1 in the V2 recipe).')

@@ -39,6 +39,7 @@ def get_config():
 
   config.crop_padding = 4
   config.flip = True
+  config.random_erasing = 0.0     # probability of erasing a rectangle (timm, 'pixel' mode)
   config.classifier_keep = 0.5    # fraction of classifier inputs the export keeps
 
   config.log_every_steps = 50

@@ -157,3 +157,24 @@ def test_a_streamed_dataset_trains_condenses_and_exports(tiny_images, tmp_path):
   preprocessing = source.preprocessing()
   assert preprocessing['class_names'] == ['0', '1', '2', '3', '4']
   assert (preprocessing['image_size'], preprocessing['resize_shorter']) == (32, 37)
+
+
+def test_random_erase_fills_one_rectangle_with_noise_at_the_given_rate():
+  n, h, w = 400, 16, 12
+  x = jnp.full((n, h, w, 3), 7.0)
+  keys = jax.random.split(jax.random.PRNGKey(0), n)
+  out = np.asarray(data.random_erase(x, keys, 0.5))
+  erased = out != 7.0  # the noise never equals 7 in practice
+  touched = erased.any(axis=(1, 2, 3))
+  assert 0.4 < touched.mean() < 0.6  # probability 0.5 (a draw that never fits is rare here)
+  for image, mask in zip(out[touched], erased[touched]):
+    rows, cols = np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(0, 2)))
+    # One rectangle, strictly smaller than the image, every channel of it erased.
+    assert rows.size < h and cols.size < w
+    assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert mask.sum() == rows.size * cols.size * 3
+    area = rows.size * cols.size / (h * w)
+    assert 0.01 <= area <= 0.45, area  # U(0.02, 1/3) of the area, rounded sides
+  noise = out[erased]
+  assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # N(0, 1) per pixel
+  np.testing.assert_array_equal(data.random_erase(x, keys, 0.0), x)

@@ -216,6 +216,9 @@ def v2_run(tmp_path_factory):
   config.model.growth = (4, 8, 8)
   config.model.last_se_reduction = 4
   config.eval_every_epochs = 0
+  # The V2 recipe's options, so that a run takes their code paths.
+  config.label_smoothing, config.random_erasing = 0.1, 0.2
+  config.warmup_epochs, config.warmup_initial_lr, config.weight_decay_vectors = 1, 0.05, False
   summary = train.train_and_evaluate(config, str(workdir))
   return workdir, summary
 
