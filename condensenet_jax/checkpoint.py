@@ -77,9 +77,8 @@ class Checkpoints:
 
 
 # The classes a condensed model's `model.json` may name (CondensedNet: the earlier name).
-CONDENSED_CLASSES = {'CondensedCondenseNet': models.CondensedCondenseNet,
-                     'CondensedNet': models.CondensedCondenseNet,
-                     'CondensedCondenseNetV2': models.CondensedCondenseNetV2}
+CONDENSED_CLASSES = {**{cls.__name__: cls for cls in models.CONDENSED_CLASSES},
+                     'CondensedNet': models.CondensedCondenseNet}
 
 
 def save_condensed(directory: str, model: models.CondensedCondenseNet, variables: Any,

@@ -76,8 +76,9 @@ def is_sfr(path: tuple[str, ...]) -> bool:
   return path[-1] == SFR_NAME
 
 
-def _rows(path) -> str:
-  """What the mask rows of the learned layer at `path` are, for messages."""
+def mask_rows(path) -> str:
+  """What the mask rows of the learned layer at `path` (module path) are, for messages:
+  'inputs' of a learned group convolution, 'outputs' of an SFR."""
   return 'outputs' if is_sfr(path) else 'inputs'
 
 
@@ -233,7 +234,7 @@ def events_done_per_layer(masks, model) -> dict[str, int]:
   for key, mask in traverse_util.flatten_dict(masks).items():
     name = '/'.join(key[:-1])
     try:
-      out[name] = events_done(mask, model.condense_factor, _rows(key[:-1]))
+      out[name] = events_done(mask, model.condense_factor, mask_rows(key[:-1]))
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from None
   return out
@@ -318,15 +319,13 @@ def export(model: models.CondenseNet, variables: Mapping[str, Any], classifier_k
       for leaf in leaves:
         tree[path + ('norm', leaf)] = tree[path + ('norm', leaf)][index]
     indices[path + ('index',)] = index.astype(np.int32)
-  if v2:
-    return small, {c: traverse_util.unflatten_dict(t)
-                   for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
-  kernel = params[('classifier', 'kernel')]  # [features, classes]
-  kept = small.num_classifier_inputs
-  order = np.argsort(np.abs(kernel).sum(axis=1), kind='stable')  # increasing L1 norm
-  index = order[kernel.shape[0] - kept:]
-  params[('classifier', 'kernel')] = kernel[index]
-  indices[('classifier', 'index')] = index.astype(np.int32)
+  if not v2:  # V2's classifier is not condensed
+    kernel = params[('classifier', 'kernel')]  # [features, classes]
+    kept = small.num_classifier_inputs
+    order = np.argsort(np.abs(kernel).sum(axis=1), kind='stable')  # increasing L1 norm
+    index = order[kernel.shape[0] - kept:]
+    params[('classifier', 'kernel')] = kernel[index]
+    indices[('classifier', 'index')] = index.astype(np.int32)
   small_vars = {c: traverse_util.unflatten_dict(t)
                 for c, t in (('params', params), ('batch_stats', stats), ('indices', indices))}
   return small, small_vars

@@ -103,7 +103,7 @@ def _condensenet(model, image_size):
   model.check()
   stride, pool = models.stem_geometry(model.stem)
   v2 = isinstance(model, models.CondenseNetV2)
-  condensed = isinstance(model, (models.CondensedCondenseNet, models.CondensedCondenseNetV2))
+  condensed = models.is_condensed(model)
   n = _Counter()
   with n.section('init_conv'):
     size = n.conv(3, 2 * model.growth[0], 3, image_size, stride=stride, padding=1)

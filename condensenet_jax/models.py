@@ -63,6 +63,11 @@ def condenses(model) -> bool:
   return isinstance(model, (CondenseNet, CondenseNetV2))
 
 
+def is_condensed(model) -> bool:
+  """Whether `model` is a condensed inference form (`CONDENSED_CLASSES`)."""
+  return isinstance(model, CONDENSED_CLASSES)
+
+
 def _check_dense_layers(model) -> None:
   """The checks every CondenseNet generation shares: stages and growth, the stem, and the
   divisibility of each dense layer's widths by its groups and condense factor."""
@@ -147,17 +152,24 @@ class DenseBlock(nn.Module):
       new = layers.batch_stats(y, self.bn_axis_name)
       return tuple(jnp.concatenate([a, b]) for a, b in zip(stats, new))
 
+    def in_place(x, axis, stats):
+      """One buffer of the block's final width along `axis`; each layer reads its prefix and
+      writes its features after it, in place."""
+      channels = x.shape[axis]
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, self.num_layers * self.growth)
+      features = jnp.pad(x, widths)
+      for l in range(1, self.num_layers + 1):
+        y = layer(l)(jax.lax.slice_in_dim(features, 0, channels, axis=axis), train, stats)
+        features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
+                                                       channels, axis=axis)
+        channels += self.growth
+        stats = grow(stats, y)
+      return features
+
     if self.layout == 'channel_major':
       layers.check_channel_major(train, 'DenseBlock')
-      features = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), [(0, self.num_layers * self.growth)]
-                         + [(0, 0)] * 3)
-      channels = x.shape[-1]
-      for l in range(1, self.num_layers + 1):
-        y = layer(l)(features[:channels], train)
-        features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
-                                                       channels, axis=0)
-        channels += self.growth
-      return jnp.transpose(features, (1, 2, 3, 0))
+      return jnp.transpose(in_place(jnp.transpose(x, (3, 0, 1, 2)), 0, None), (1, 2, 3, 0))
     if self.form == 'concatenate':
       for l in range(1, self.num_layers + 1):
         y = layer(l)(x, train, stats)
@@ -166,15 +178,7 @@ class DenseBlock(nn.Module):
       return x
     if self.form != 'preallocate':
       raise ValueError(f'form={self.form!r} is not one of {execution.DENSE_BLOCK_FORMS}.')
-    channels = x.shape[-1]
-    features = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.num_layers * self.growth)])
-    for l in range(1, self.num_layers + 1):
-      y = layer(l)(features[..., :channels], train, stats)
-      features = jax.lax.dynamic_update_slice_in_dim(features, y.astype(features.dtype),
-                                                     channels, axis=-1)
-      channels += self.growth
-      stats = grow(stats, y)
-    return features
+    return in_place(x, x.ndim - 1, stats)
 
 
 def _stem_conv(features: int, stem: str, dtype: Any) -> nn.Conv:
@@ -322,8 +326,7 @@ class CondensedCondenseNet(CondenseNet):
                  classifier_keep: float = 0.5) -> 'CondensedCondenseNet':
     """The condensed form of a training-form `model`: its architecture and how it runs
     (`RUNTIME_FIELDS`), with `classifier_keep`."""
-    fields = {**architecture(model), 'classifier_keep': classifier_keep}
-    return from_architecture(cls, fields, **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+    return _condensed_form(cls, model, classifier_keep=classifier_keep)
 
 
 # The name before CondensedCondenseNet; model.json files written with it still load.
@@ -581,8 +584,7 @@ class CondensedCondenseNetV2(CondenseNetV2):
   @classmethod
   def from_model(cls, model: CondenseNetV2) -> 'CondensedCondenseNetV2':
     """The condensed form of a training-form `model`: its architecture and how it runs."""
-    return from_architecture(cls, architecture(model),
-                             **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+    return _condensed_form(cls, model)
 
 
 # Named variants (CIFAR rows: 10 classes; set num_classes=100 for CIFAR-100).
@@ -618,6 +620,9 @@ CondenseNetV2Tiny = functools.partial(
     last_se_reduction=4, fc_channel=32, num_classes=10, stem='cifar')
 
 
+# The condensed inference forms, one per generation.
+CONDENSED_CLASSES = (CondensedCondenseNet, CondensedCondenseNetV2)
+
 # Fields of the model classes that say how the network runs, not which function it computes:
 # a run may change them and still resume, and they are not saved with a model.
 RUNTIME_FIELDS = ('dtype', 'bn_axis_name', 'execution')
@@ -641,6 +646,13 @@ def from_architecture(cls, fields: dict[str, Any], **runtime):
   hashable) and the `RUNTIME_FIELDS` in `runtime`."""
   return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()},
              **runtime)
+
+
+def _condensed_form(cls, model, **fields):
+  """`cls` (a condensed class) with `model`'s architecture, the extra `fields`, and how
+  `model` runs (`RUNTIME_FIELDS`)."""
+  return from_architecture(cls, {**architecture(model), **fields},
+                           **{f: getattr(model, f) for f in RUNTIME_FIELDS})
 
 
 def describe(model) -> str:

@@ -131,7 +131,7 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _load(model, state_dict, condensed: bool):
-  if isinstance(model, (models.CondenseNet, models.CondenseNetV2)):
+  if models.condenses(model):
     model.check()
   state = _strip_prefix(state_dict)
   flat_shapes = {k: tuple(v.shape) for k, v in
@@ -198,17 +198,17 @@ def _check_bookkeeping(state, masks, model):
   c = model.condense_factor
   for key, mask in traverse_util.flatten_dict(masks).items():
     stem = _official_key('masks', key, False)[:-len('._mask')]
+    rows = condense.mask_rows(key[:-1])
     try:
-      events = condense.events_done(mask, c, 'outputs' if condense.is_sfr(key[:-1]) else 'inputs')
+      events = condense.events_done(mask, c, rows)
     except ValueError as e:
       raise StateDictError(f'{stem}._mask: {e}') from None
     delta = mask.shape[0] // c
     if stem + '._count' in state:
       count = int(np.asarray(state[stem + '._count']).reshape(-1)[0])
       if count != events * delta:
-        dropped = 'outputs' if condense.is_sfr(key[:-1]) else 'inputs'
         raise StateDictError(
-            f'{stem}._count = {count} but the mask has dropped {events * delta} {dropped} per '
+            f'{stem}._count = {count} but the mask has dropped {events * delta} {rows} per '
             f'group ({events} events of {delta}); the checkpoint is inconsistent.')
     if stem + '._stage' in state:
       stage = int(np.asarray(state[stem + '._stage']).reshape(-1)[0])
@@ -227,7 +227,7 @@ def load_state_dict(model, state_dict: Mapping[str, Any]):
     StateDictError: (a ValueError) listing every missing, unexpected or misshapen key, a mask
       that is not group-structured, or `_count` / `_stage` that disagree with a mask.
   """
-  if isinstance(model, (models.CondensedCondenseNet, models.CondensedCondenseNetV2)):
+  if models.is_condensed(model):
     raise TypeError('load_state_dict takes the training form; use load_converted_state_dict '
                     f'for a {type(model).__name__}.')
   return _load(model, state_dict, condensed=False)
@@ -246,8 +246,7 @@ def load_converted_state_dict(condensed_model: models.CondensedCondenseNet,
     ValueError: copies of a gathered channel with different BN terms while the model may skip
       its gathers (`condense.check_gathered_norms`).
   """
-  if not isinstance(condensed_model, (models.CondensedCondenseNet,
-                                      models.CondensedCondenseNetV2)):
+  if not models.is_condensed(condensed_model):
     raise TypeError('load_converted_state_dict takes a CondensedCondenseNet (e.g. '
                     'models.CondensedCondenseNet.from_model(model)); use load_state_dict for the '
                     'training form.')
