@@ -63,8 +63,9 @@ def load(path: str, model_name: Optional[str] = None, num_classes: Optional[int]
          forms: tuple[str, ...] = ('trained', 'condensed')) -> list[Loaded]:
   """The models at `path`, in `forms`.
 
-  - A workdir: its latest checkpoint in the training form and its `condensed/` export (when
-    the run has finished).
+  - A workdir: its latest checkpoint in the training form (the EMA of the weights, with the
+    checkpoint's masks, when the run kept one) and its `condensed/` export (when the run has
+    finished).
   - A condensed model directory (`model.json` + `variables.npz`).
   - Official weights: a `.pth` / `.pth.tar` file (needs PyTorch) or a `.npz` of the official
     key names. `model_name` names the architecture: a named variant of `models` such as
@@ -148,8 +149,12 @@ def _load_checkpoint(workdir: str) -> Loaded:
   model = models.from_architecture(cls, meta['model_fields'],
                                    dtype=recipe.compute_dtype(config))
   variables = {c: _numpy(state[c]) for c in ('params', 'batch_stats', 'masks') if state.get(c)}
+  source = f'{workdir}/checkpoints/{step}'
+  if state.get('ema'):  # the run kept an average of the weights: that is the model it exports
+    variables.update({c: _numpy(v) for c, v in state['ema'].items()})
+    source += ' (EMA of the weights)'
   return Loaded('trained', model, variables, _preprocessing_of(config.dataset, workdir),
-                config.dataset, workdir, f'{workdir}/checkpoints/{step}', step)
+                config.dataset, workdir, source, step)
 
 
 def _preprocessing_of(dataset: str, workdir: str) -> Optional[dict[str, Any]]:

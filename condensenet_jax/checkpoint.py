@@ -222,14 +222,26 @@ def check_same_run(config, meta: dict[str, Any], directory: str) -> None:
         'fresh.')
 
 
+def check_same_ema(config, meta: dict[str, Any], directory: str) -> None:
+  """Raises ValueError if the checkpoint `meta` was written by a run that kept an EMA of the
+  weights and `config` keeps none, or the other way round (the states differ in shape)."""
+  saved = meta.get('config', {}).get('ema_decay', 0.0)
+  if bool(saved) != bool(config.get('ema_decay', 0.0)):
+    kept = 'keeps an' if saved else 'keeps no'
+    raise ValueError(
+        f'the checkpoints in {directory} belong to a run that {kept} EMA of the weights '
+        f'(ema_decay {saved!r} -> {config.get("ema_decay")!r}); resume with '
+        f'--config.ema_decay={saved!r}, or use another --workdir.')
+
+
 def restore_latest(ckpt: Checkpoints, fresh: Any, model, config, log) -> Any:
   """The state of the latest complete checkpoint in `ckpt`, shaped and placed like `fresh`;
   unreadable ones are moved aside, with a message, and the one before is used; `fresh` when
   none is left.
 
   Raises:
-    ValueError: the checkpoints hold another model (`models.architecture`) or another run
-      (`check_same_run`).
+    ValueError: the checkpoints hold another model (`models.architecture`), another run
+      (`check_same_run`) or a state with(out) an EMA that `config` does not (`check_same_ema`).
   """
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           fresh)
@@ -248,6 +260,7 @@ def restore_latest(ckpt: Checkpoints, fresh: Any, model, config, log) -> Any:
           f'config ({current[0]} {current[1]}); use another --workdir, or delete '
           f'{ckpt.directory} to start fresh.')
     check_same_run(config, meta, ckpt.directory)
+    check_same_ema(config, meta, ckpt.directory)
     try:
       state, _ = ckpt.restore(step, abstract)
     except Exception as e:  # pylint: disable=broad-except

@@ -39,6 +39,9 @@ class TrainState:
   masks: Any              # {} for models without learned group convolutions
   opt_state: Any
   rng: jax.Array          # uint32 [2], the run's base key
+  # {} without `config.ema_decay`; else the exponential moving average of `params` and
+  # `batch_stats` ({'params': ..., 'batch_stats': ...}, the same trees).
+  ema: Any
 
   def variables(self, masks=None):
     """The model's variables: `params`, `batch_stats` and, when there are any, `masks`
@@ -48,6 +51,11 @@ class TrainState:
     if masks:
       v['masks'] = masks
     return v
+
+  def ema_variables(self):
+    """The variables of the averaged model: the EMA's `params` and `batch_stats` with the
+    state's own `masks` (masks are never averaged, as in the official V2 training)."""
+    return {**self.variables(), **self.ema}
 
 
 # --- the per-device programs --------------------------------------------------------------
@@ -65,6 +73,16 @@ def _apply_events(state: TrainState, model, total_steps: int):
   previous = condense.stage_at(jnp.maximum(state.step - 1, 0), total_steps, c, half)
   event = lambda _, masks: condense.condense_event(state.params, masks, model)
   return lax.fori_loop(0, stage - previous, event, state.masks), stage
+
+
+def update_ema(ema, params, batch_stats, decay: float):
+  """`ema * decay + (1 - decay) * new` for every leaf of the averaged `params` and
+  `batch_stats` (timm's `ModelEma`, the update of the official V2 training after each optimizer
+  step); `ema` unchanged when it is empty (no EMA in the run)."""
+  if not ema:
+    return ema
+  new = {'params': params, 'batch_stats': batch_stats}
+  return jax.tree.map(lambda e, n: e * decay + (1.0 - decay) * n, ema, new)
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_steps, mean,
@@ -119,6 +137,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   batch_stats = lax.pmean(batch_stats, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema = update_ema(state.ema, params, batch_stats, config.ema_decay)
   metrics = lax.pmean({
       'loss': loss, 'cross_entropy': ce, 'group_lasso': lasso,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
@@ -130,7 +149,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   metrics.update(grad_norm=grad_norm, param_norm=jnp.linalg.norm(ravel_pytree(params)[0]),
                  lr=schedule(state.step), stage=stage, finite=finite)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, masks=masks,
-                      opt_state=opt_state)
+                      opt_state=opt_state, ema=ema)
   # A non-finite step is not applied: the state stays the last good one, the host stops.
   # One conditional over the whole state, not a select per array (fewer kernels to compile).
   new = lax.cond(finite, lambda: new, lambda: state)
@@ -214,9 +233,12 @@ def initial_state(run: Run) -> TrainState:
   with jax.default_device(jax.local_devices(backend='cpu')[0]):  # the host's own device
     opt_state = jax.device_get(run.tx.init(params))
     rng = jax.device_get(jax.random.PRNGKey(run.config.seed + 1))
+  # The average starts from the initial weights (timm copies the model when training starts).
+  ema = ({'params': params, 'batch_stats': variables['batch_stats']}
+         if run.config.ema_decay else {})
   state = TrainState(step=np.zeros((), np.int32), params=params,
                      batch_stats=variables['batch_stats'], masks=variables.get('masks', {}),
-                     opt_state=opt_state, rng=rng)
+                     opt_state=opt_state, rng=rng, ema=ema)
   return replicate(state, NamedSharding(run.mesh, P()))
 
 
@@ -296,8 +318,13 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
           and step < run.total_steps):
         result = evaluate(run, model, state.variables())
         metrics.writer.write(step, 'eval', result)
-        log(f'eval after epoch {epoch + 1}: accuracy {result["accuracy"]:.4f} '
-            f'loss {result["loss"]:.4f}')
+        line = (f'eval after epoch {epoch + 1}: accuracy {result["accuracy"]:.4f} '
+                f'loss {result["loss"]:.4f}')
+        if state.ema:
+          averaged = evaluate(run, model, state.ema_variables())
+          metrics.writer.write(step, 'eval_ema', averaged)
+          line += f'; EMA {averaged["accuracy"]:.4f} loss {averaged["loss"]:.4f}'
+        log(line)
     if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(step)
     if (received := stop.requested(step, config.log_every_steps)) and step < run.total_steps:
@@ -311,8 +338,10 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   return state
 
 
-def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[str, Any]:
-  """Exports the condensed model, evaluates both forms and fills in the summary."""
+def _finish(run: Run, state: TrainState, summary: dict[str, Any], log
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Exports the condensed model, evaluates both forms (and the EMA model, if any) and fills
+  in the summary; returns it with the host variables that were exported."""
   model, config, workdir = run.model, run.config, run.workdir
   lead = jax.process_index() == 0
   masked = evaluate(run, model, state.variables())
@@ -320,11 +349,19 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
                  test_examples=masked['examples'])
   log(f'test accuracy of the trained model: {masked["accuracy"]:.4f} '
       f'({masked["examples"]} images)')
+  # The EMA model, when the run keeps one, is the one exported (as the official V2 conversion).
+  final = state.variables()
+  if state.ema:
+    final = state.ema_variables()
+    averaged = evaluate(run, model, final)
+    summary.update(ema_accuracy=averaged['accuracy'], ema_test_loss=averaged['loss'])
+    log(f'test accuracy of the EMA of the weights: {averaged["accuracy"]:.4f}')
+  final = jax.device_get(final)
   if models.condenses(model):
     summary['condensing_event_steps'] = condense.event_steps(
         run.total_steps, model.condense_factor, model.condensing_stops_at_half)
-    small, small_vars = condense.export(model, jax.device_get(state.variables()),
-                                        classifier_keep=config.classifier_keep)
+    summary['condensed_from'] = 'ema' if state.ema else 'weights'
+    small, small_vars = condense.export(model, final, classifier_keep=config.classifier_keep)
     condensed = evaluate(run, small, replicate(small_vars, NamedSharding(run.mesh, P())))
     summary.update(condensed_accuracy=condensed['accuracy'],
                    condensed_test_loss=condensed['loss'])
@@ -333,7 +370,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log) -> dict[s
       checkpoint.save_condensed(os.path.join(workdir, 'condensed'), small, small_vars,
                                 preprocessing=run.dataset.preprocessing())
   summary['final_state_sha256'] = checkpoint.state_sha256(state)
-  return summary
+  return summary, final
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -375,13 +412,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'total_steps': run.total_steps, 'steps_this_run': run.total_steps - start_step,
                'resumed_from_step': start_step or None, 'train_img_per_s': metrics.img_per_s(),
                'train_step_compilations': len(run.traces), **costs}
-    summary = _finish(run, state, summary, log)
+    summary, final = _finish(run, state, summary, log)
     summary['wall_seconds'] = time.time() - start_time
     if lead:
       path = reporting.write_summary(workdir, writer, summary, run.total_steps)
       log(f'summary written to {path}')
-      drawn = plots.write_all(workdir, model, jax.device_get(state.variables()),
-                              summary.get('condensing_event_steps'))
+      drawn = plots.write_all(workdir, model, final, summary.get('condensing_event_steps'))
       log(f'pictures: {", ".join(os.path.basename(p) for p in drawn)} in {workdir}')
     return summary
   finally:

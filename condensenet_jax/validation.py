@@ -29,9 +29,9 @@ def validate(config, devices: int) -> None:
 
   Raises:
     ValueError: a renamed field, a count that is not a positive integer, a negative rate, a
-      label smoothing outside [0, 1), an erasing probability outside [0, 1], a classifier
-      fraction outside (0, 1], an unknown dataset, a batch that the devices do not divide, or
-      an unknown execution choice.
+      label smoothing or EMA decay outside [0, 1), an erasing probability outside [0, 1], a
+      classifier fraction outside (0, 1], an unknown dataset, a batch that the devices do not
+      divide, or an unknown execution choice.
   """
   for old, new in RENAMED_FIELDS.items():
     parent, _, leaf = old.rpartition('.')
@@ -50,6 +50,9 @@ def validate(config, devices: int) -> None:
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'config.label_smoothing={config.label_smoothing!r} must be in [0, 1) '
                      '(the probability spread over all classes; 0.1 in the V2 recipe).')
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f'config.ema_decay={config.ema_decay!r} must be in [0, 1) (0: no '
+                     'average of the weights; 0.9998 in the V2 recipe).')
   if not 0 < config.classifier_keep <= 1:
     raise ValueError(f'config.classifier_keep={config.classifier_keep!r} must be in (0, 1] '
                      '(the fraction of classifier inputs the export keeps).')

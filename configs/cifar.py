@@ -32,6 +32,7 @@ def get_config():
   config.weight_decay = 1e-4      # coupled (added to the gradient), as PyTorch's SGD
   config.weight_decay_vectors = True  # False: no decay of BN scales/biases and biases (timm)
   config.label_smoothing = 0.0
+  config.ema_decay = 0.0          # > 0: keep an EMA of the weights, evaluate and export it
   config.group_lasso = 0.0        # lambda; applied during the condensing stages only
   config.dtype = 'float32'        # or 'bfloat16' (activations; params stay float32)
   config.sync_batch_stats = False  # True: BN batch statistics over all devices

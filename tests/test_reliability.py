@@ -205,6 +205,7 @@ def _tiny_digits():
     (lambda c: setattr(c, 'dtype', 'float16'), "config.dtype='float16'"),
     (lambda c: setattr(c, 'label_smoothing', 1.0),
      'config.label_smoothing=1.0 must be in [0, 1)'),
+    (lambda c: setattr(c, 'ema_decay', 1.0), 'config.ema_decay=1.0 must be in [0, 1)'),
     (lambda c: setattr(c, 'random_erasing', 1.5),
      'config.random_erasing=1.5 must be a probability in [0, 1]'),
     (lambda c: setattr(c.model, 'name', 'ResNet'), "config.model.name='ResNet'"),

@@ -182,6 +182,97 @@ def test_resume_refuses_a_workdir_of_another_model(digits_run, tmp_path):
       os.listdir(workdir / 'checkpoints'))  # nothing was touched
 
 
+@pytest.fixture(scope='module')
+def ema_run(tmp_path_factory):
+  """A shrunk digits run that keeps an EMA of the weights (a decay low enough to see it),
+  with a checkpoint after every step; two epochs, evaluated after the first."""
+  workdir = tmp_path_factory.mktemp('ema')
+  config = tiny(digits_config.get_config(), epochs=2)
+  config.ema_decay = 0.75
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 50
+  config.eval_every_epochs = 1
+  return config, workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def _state(workdir, step):
+  ckpt = checkpoint.Checkpoints(str(workdir / 'checkpoints'))
+  try:
+    return ckpt.restore(step)[0]
+  finally:
+    ckpt.close()
+
+
+def test_ema_follows_the_weights_step_by_step(ema_run):
+  config, workdir, summary = ema_run
+  event = summary['condensing_event_steps'][1]
+  d = np.float32(config.ema_decay)
+  # Step 0: the average starts from the initial weights.
+  model = recipe.build_model(config, num_classes=10)
+  start = models.init_variables(model, seed=config.seed)
+  previous = {'params': start['params'], 'batch_stats': start['batch_stats']}
+  for step in (1, 2, event, event + 1, summary['total_steps']):
+    if step != 1:
+      previous = _state(workdir, step - 1)['ema']
+    state = _state(workdir, step)
+    new = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    terms = jax.tree.map(lambda e, n: (np.asarray(e) * d, np.float32(1 - d) * np.asarray(n)),
+                         previous, new)
+    for (a, b), got in zip(jax.tree.leaves(terms, is_leaf=lambda t: isinstance(t, tuple)),
+                           jax.tree.leaves(state['ema'])):
+      # Equal up to the rounding of the two terms (XLA may fuse them into one multiply-add).
+      assert np.all(np.abs(got - (a + b)) <= 2**-23 * (np.abs(a) + np.abs(b))), step
+    # The average is not the weights themselves (0.75 leaves a visible lag).
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state['ema']['params']),
+                                                        jax.tree.leaves(state['params'])))
+
+
+def test_ema_is_evaluated_and_exported(ema_run):
+  config, workdir, summary = ema_run
+  assert summary['condensed_from'] == 'ema'
+  assert 0.0 <= summary['ema_accuracy'] <= 1.0
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert {r['kind'] for r in records} >= {'eval', 'eval_ema'}
+  # The condensed model is the export of the averaged weights with the run's masks.
+  state = _state(workdir, summary['total_steps'])
+  model = recipe.build_model(config, num_classes=10)
+  averaged = {'params': state['ema']['params'], 'batch_stats': state['ema']['batch_stats'],
+              'masks': state['masks']}
+  _, expected = condense.export(model, averaged, classifier_keep=config.classifier_keep)
+  _, saved = checkpoint.load_condensed(str(workdir / 'condensed'))
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # The tools read the averaged weights of the checkpoint, and say so.
+  from condensenet_jax import artifacts  # pylint: disable=g-import-not-at-top
+  trained = artifacts.load(str(workdir), forms=('trained',))[0]
+  assert trained.source.endswith('(EMA of the weights)')
+  np.testing.assert_array_equal(jax.tree.leaves(trained.variables['params'])[0],
+                                jax.tree.leaves(averaged['params'])[0])
+
+
+def test_resume_with_ema_is_exact(ema_run, tmp_path):
+  config, workdir, summary = ema_run
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir / 'checkpoints' / '30', resumed / 'checkpoints' / '30')
+  again = train.train_and_evaluate(config, str(resumed))
+  assert again['resumed_from_step'] == 30
+  assert again['final_state_sha256'] == summary['final_state_sha256']
+  assert again['ema_accuracy'] == summary['ema_accuracy']
+
+
+def test_resume_refuses_to_switch_the_ema_on_or_off(ema_run, digits_run, tmp_path):
+  for (config, workdir, _), decay in ((ema_run, 0.0), (digits_run, 0.9998)):
+    other = tmp_path / f'other_{decay}'
+    step = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    shutil.copytree(workdir / 'checkpoints' / str(step[0]), other / 'checkpoints' / str(step[0]))
+    config = config.copy_and_resolve_references()
+    config.ema_decay = decay
+    with pytest.raises(ValueError, match=r'EMA of the weights .*--config.ema_decay='):
+      train.train_and_evaluate(config, str(other))
+    assert os.listdir(other / 'checkpoints') == [str(step[0])]  # nothing was moved aside
+    assert not (other / 'summary.json').exists()
+
+
 def test_cifar_config_under_mocked_tfds(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = tiny(cifar_config.get_config())
