@@ -80,6 +80,9 @@ def parse_args(argv=None, parser=None, **defaults):
                       help="config.deterministic (default: the config's); it sets XLA's "
                            'deterministic GPU kernels, so it only takes effect in a process '
                            'that has not started JAX yet')
+  parser.add_argument('--rand-augment', default=None,
+                      help="config.rand_augment for train mode: a timm policy such as "
+                           "'rand-m9-mstd0.5', or '' for none (default: the config's)")
   parser.set_defaults(**defaults)
   args = parser.parse_args(argv)
   if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
@@ -243,6 +246,8 @@ def prepare(args) -> Prepared:
       config.execution[field] = getattr(args, field)
   if args.mode == 'train' and not config.group_lasso:
     config.group_lasso = args.group_lasso
+  if args.rand_augment is not None:
+    config.rand_augment = args.rand_augment
   if args.deterministic is not None:
     config.deterministic = args.deterministic == 'true'
   # Enough epochs that every timed step is in the first (condensing, lasso-on) stage.
@@ -307,7 +312,7 @@ def run(args) -> dict:
       'train_step_compilations': len(prepared.run.traces) if args.mode == 'train' else None,
       'model_flops': model_flops(model, args.mode, args.batch_size),
       'xla_flops': cost.get('flops'), 'xla_bytes_accessed': cost.get('bytes accessed'),
-      'dtype': config.dtype, **dict(config.execution),
+      'dtype': config.dtype, 'rand_augment': config.rand_augment, **dict(config.execution),
       **execution_used(eval_model, args.mode),
       'compiler_options': model.execution.compiler_options(),
       'deterministic': bool(config.deterministic),

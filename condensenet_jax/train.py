@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from condensenet_jax import (checkpoint, condense, data, evaluation, flops, models, plots,
-                             preemption, recipe, reporting, startup, validation)
+                             preemption, rand_augment, recipe, reporting, startup, validation)
 
 AXIS = 'batch'
 
@@ -60,9 +60,11 @@ class TrainState:
 
 # --- the per-device programs --------------------------------------------------------------
 
-# Random erasing draws from the step's augmentation key folded with this number, far from the
-# example positions the crops and flips fold in, so that turning it on changes nothing else.
+# Random erasing and RandAugment draw from the step's augmentation key folded with these
+# numbers, far from the example positions the crops and flips fold in, so that turning either
+# on changes nothing else.
 ERASE_STREAM = 2**31 - 1
+RAND_AUGMENT_STREAM = 2**31 - 2
 
 
 def _apply_events(state: TrainState, model, total_steps: int):
@@ -108,6 +110,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config, total_s
   if augment_on_device:
     example_keys = jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(positions)
     images = data.augment(images, example_keys, config.crop_padding, config.flip)
+  if config.rand_augment:  # after the crop and flip, before normalization (timm's order)
+    ra_key = jax.random.fold_in(augment_key, RAND_AUGMENT_STREAM)
+    images = rand_augment.rand_augment(
+        images, jax.vmap(lambda i: jax.random.fold_in(ra_key, i))(positions),
+        rand_augment.Policy.parse(config.rand_augment), rand_augment.fill_color(mean))
   x = data.normalize(images, mean, std, recipe.compute_dtype(config))
   if config.random_erasing:
     erase_key = jax.random.fold_in(augment_key, ERASE_STREAM)

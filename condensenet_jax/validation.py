@@ -4,7 +4,7 @@ Every check raises ValueError with one line that names the field, the value and 
 command line prints that line as it is (`train.py`).
 """
 
-from condensenet_jax import condense, data, models, reporting
+from condensenet_jax import condense, data, models, rand_augment, reporting
 from condensenet_jax.execution import Execution
 
 # Config fields that must be positive integers, and what each one counts.
@@ -30,8 +30,9 @@ def validate(config, devices: int) -> None:
   Raises:
     ValueError: a renamed field, a count that is not a positive integer, a negative rate, a
       label smoothing or EMA decay outside [0, 1), an erasing probability outside [0, 1], a
-      classifier fraction outside (0, 1], an unknown dataset, a batch that the devices do not
-      divide, or an unknown execution choice.
+      RandAugment policy that `rand_augment.Policy.parse` refuses, a classifier fraction
+      outside (0, 1], an unknown dataset, a batch that the devices do not divide, or an
+      unknown execution choice.
   """
   for old, new in RENAMED_FIELDS.items():
     parent, _, leaf = old.rpartition('.')
@@ -50,6 +51,8 @@ def validate(config, devices: int) -> None:
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'config.label_smoothing={config.label_smoothing!r} must be in [0, 1) '
                      '(the probability spread over all classes; 0.1 in the V2 recipe).')
+  if config.rand_augment:
+    rand_augment.Policy.parse(config.rand_augment)
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f'config.ema_decay={config.ema_decay!r} must be in [0, 1) (0: no '
                      'average of the weights; 0.9998 in the V2 recipe).')

@@ -40,6 +40,7 @@ def get_config():
 
   config.crop_padding = 4
   config.flip = True
+  config.rand_augment = ''        # a timm RandAugment policy, e.g. 'rand-m9-mstd0.5'; '': none
   config.random_erasing = 0.0     # probability of erasing a rectangle (timm, 'pixel' mode)
   config.classifier_keep = 0.5    # fraction of classifier inputs the export keeps
 

@@ -11,12 +11,13 @@ Recipe of the official `train.py`: 350 epochs at global batch 1024, SGD with Nes
 momentum 0.9, lr 0.4 (not scaled with the batch) after 5 warm-up epochs rising linearly from
 0.1, cosine per step to 0, weight decay 4e-5 on the weights only (timm skips BN parameters and
 biases), label smoothing 0.1, no group lasso (its training never adds it), random-resized crop
-224 + flip, random erasing with probability 0.2 (per-pixel noise, on the normalized images),
+224 + flip, RandAugment rand-m9-mstd0.5 (on the device; bilinear where timm draws bilinear or
+bicubic), random erasing with probability 0.2 (per-pixel noise, on the normalized images),
 an EMA of the weights with decay 0.9998 after every step (masks not averaged; the EMA model is
 evaluated beside the trained one and is the one exported, as the official conversion does);
-eval resize 256 / center crop 224. Not implemented here yet: RandAugment (rand-m9-mstd0.5) and
-random resize interpolation. Needs the ILSVRC2012 tars as configs/imagenet.py does; days on 8
-GPUs.
+eval resize 256 / center crop 224. Not implemented here: timm's random choice of the resize
+interpolation of the crop (bilinear here). Needs the ILSVRC2012 tars as configs/imagenet.py
+does; days on 8 GPUs.
 """
 
 from configs import imagenet
@@ -33,6 +34,7 @@ def get_config():
   config.weight_decay = 4e-5
   config.weight_decay_vectors = False
   config.label_smoothing = 0.1
+  config.rand_augment = 'rand-m9-mstd0.5'
   config.random_erasing = 0.2
   config.ema_decay = 0.9998
   config.group_lasso = 0.0

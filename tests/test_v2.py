@@ -216,6 +216,7 @@ def v2_run(tmp_path_factory):
   config.label_smoothing, config.random_erasing = 0.1, 0.2
   config.warmup_epochs, config.warmup_initial_lr, config.weight_decay_vectors = 1, 0.05, False
   config.ema_decay = 0.9
+  config.rand_augment = 'rand-m9-mstd0.5'
   summary = train.train_and_evaluate(config, str(workdir))
   return workdir, summary
 
