@@ -19,7 +19,8 @@ from condensenet_jax import train, validation
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import digits_v2, imagenet_cdnv2_a, imagenet_cdnv2_b, imagenet_cdnv2_c
+from configs import (cifar, cifar_cdnv2, digits_v2, imagenet_cdnv2_a, imagenet_cdnv2_b,
+                     imagenet_cdnv2_c)
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_v2_fixtures.py'
 
@@ -274,6 +275,20 @@ def test_imagenet_configs_build_the_official_variants():
     assert isinstance(model, models.CondenseNetV2), name
     assert flops.count(model, 224) == (official[name]['flops'], official[name]['params']), name
     validation.validate(config, devices=8)
+
+
+def test_the_cifar_v2_config_is_condensenet_86_with_v2_parts():
+  config = cifar_cdnv2.get_config()
+  model = train.recipe.build_model(config, 10)
+  assert isinstance(model, models.CondenseNetV2)
+  assert flops.count(model, 32) == (75647570, 907674)  # as its docstring says
+  v1 = cifar.get_config()
+  assert {k: config[k] for k in v1 if k != 'model'} == {k: v1[k] for k in v1 if k != 'model'}
+  for field in ('stages', 'growth', 'bottleneck', 'group_1x1', 'group_3x3', 'condense_factor'):
+    assert config.model[field] == v1.model[field], field
+  validation.validate(config, devices=1)  # every condensing event before the V2 guard
+  total = 300 * data.steps_per_epoch(50000, config.batch_size)
+  assert len(condense.event_steps(total, 4, stops_at_half=True)) == 3
 
 
 def test_the_v2_recipe_schedule_and_weight_decay():
