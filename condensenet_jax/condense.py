@@ -62,6 +62,22 @@ def event_steps(total_steps: int, condense_factor: int,
   return [s for s in steps if not stops_at_half or s <= last_stage_step(total_steps)]
 
 
+def model_stage_at(model, step, total_steps):
+  """`stage_at` with `model`'s condense factor and guard (`condensing_stops_at_half`); 0 for a
+  model that does not condense (`models.condenses`)."""
+  if not models.condenses(model):
+    return 0
+  return stage_at(step, total_steps, model.condense_factor, model.condensing_stops_at_half)
+
+
+def model_event_steps(model, total_steps: int) -> list[int]:
+  """`event_steps` with `model`'s condense factor and guard; [] for a model that does not
+  condense."""
+  if not models.condenses(model):
+    return []
+  return event_steps(total_steps, model.condense_factor, model.condensing_stops_at_half)
+
+
 def is_condensing(stage, condense_factor):
   """True while the group lasso applies: stages 0 .. C-2 (keyed to C, not to G)."""
   return stage < condense_factor - 1
@@ -82,13 +98,21 @@ def mask_rows(path) -> str:
   return 'outputs' if is_sfr(path) else 'inputs'
 
 
-def _layers(params, masks):
-  """Yields `(path, kernel [rows, cols], mask [rows, G])` for every learned layer: a learned
-  group convolution's `[in, out]` kernel, an SFR's transposed (`[out, in]`), so that in both
-  the mask's rows are what its groups drop and column `j` belongs to group `j % G`."""
-  flat_params = traverse_util.flatten_dict(params)
+def learned_layers(params, masks):
+  """Yields `(path, kernel [rows, cols], mask [rows, G])` for every learned layer, in the
+  order of `masks`: a learned group convolution's `[in, out]` kernel, an SFR's transposed
+  (`[out, in]`), so that in both the mask's rows are what its groups drop and column `j`
+  belongs to group `j % G`. With `params=None` the kernels are None.
+
+  Raises:
+    ValueError: `params` lack the kernel of a masked layer.
+  """
+  flat_params = traverse_util.flatten_dict(params) if params is not None else None
   for key, mask in traverse_util.flatten_dict(masks).items():
     path = key[:-1]
+    if flat_params is None:
+      yield path, None, mask
+      continue
     kernel = flat_params.get(path + ('kernel',))
     if kernel is None:
       raise ValueError(f"masks hold {'/'.join(path)}/mask but params have no "
@@ -107,7 +131,7 @@ def _by_width(params, masks):
   (or the SFRs) of a dense block, or of several blocks with the same growth. Yields
   `[(path, kernel [rows, cols], mask [rows, G]), ...]` per group (as `_layers`)."""
   blocks = {}
-  for layer in _layers(params, masks):
+  for layer in learned_layers(params, masks):
     path, kernel, mask = layer
     blocks.setdefault((is_sfr(path), kernel.shape[1], mask.shape[1]), []).append(layer)
   yield from blocks.values()

@@ -369,12 +369,17 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int
 
 # --- ImageNet (tfds + tf.data) ------------------------------------------------------------
 
-def _tf():
+def tensorflow():
+  """The `tensorflow` module, kept off the accelerators (tf.data and image decoding only).
+
+  Raises:
+    ImportError: TensorFlow is not installed; the line says how to install it.
+  """
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError('the ImageNet pipeline needs TensorFlow (tf.data): '
-                      'pip install tensorflow-cpu') from None
+    raise ImportError('the ImageNet pipeline and image files need TensorFlow (tf.data, '
+                      'tf.io): pip install tensorflow-cpu') from None
   tf.config.set_visible_devices([], 'GPU')  # keep TensorFlow off the accelerators
   return tf
 
@@ -414,7 +419,7 @@ def imagenet_train(seed: int, start_step: int, global_batch: int, image_size: in
   process's share of `global_batch`. Endless (epoch after epoch).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf = _tf()
+  tf = tensorflow()
   builder = _imagenet_builder(data_dir, name)
   per_process = global_batch // jax.process_count()
   split = tfds.split_for_jax_process('train', drop_remainder=True)
@@ -465,7 +470,7 @@ def center_crop(image, resize: int, image_size: int):
   """The evaluation preprocessing of one image (a TensorFlow uint8 tensor `[h, w, 3]`, any
   size): bilinear resize of the shorter side to `resize`, then the central `image_size` square,
   rounded back to uint8."""
-  tf = _tf()
+  tf = tensorflow()
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = resize / tf.reduce_min(shape)
   new = tf.cast(tf.round(shape * scale), tf.int32)
@@ -482,7 +487,7 @@ def imagenet_eval(global_batch: int, image_size: int = 224, data_dir: Optional[s
   """This process's share of the validation set: resize 256 (shorter side), center crop 224;
   the last batch padded, `valid` marking real examples (as `eval_batches`)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf = _tf()
+  tf = tensorflow()
   builder = _imagenet_builder(data_dir, name)
   per_process = global_batch // jax.process_count()
   split = tfds.split_for_jax_process('validation', drop_remainder=False)

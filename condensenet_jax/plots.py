@@ -19,7 +19,6 @@ import os
 from typing import Any, Optional
 
 import numpy as np
-from flax import traverse_util
 
 from condensenet_jax import condense, models
 
@@ -94,16 +93,12 @@ def _layers(masks, kernels=None,
   group convolutions (`kind='lgc'`: rows are inputs) or of CondenseNetV2's sparse feature
   reactivations (`'sfr'`: rows are the outputs, the kernel transposed), blocks and layers in
   order; kernels from `kernels` (params) when given."""
-  flat_kernels = traverse_util.flatten_dict(kernels) if kernels is not None else {}
   blocks = {}
-  for key, mask in traverse_util.flatten_dict(masks).items():
-    if condense.is_sfr(key[:-1]) != (kind == 'sfr'):
+  for path, kernel, mask in condense.learned_layers(kernels, masks):
+    if condense.is_sfr(path) != (kind == 'sfr'):
       continue
-    block, layer = (int(k.rsplit('_', 1)[1]) for k in key[:2])
-    kernel = flat_kernels.get(key[:-1] + ('kernel',))
-    if kernel is not None:
-      kernel = np.asarray(kernel)[0, 0]
-      kernel = kernel.T if kind == 'sfr' else kernel
+    block, layer = (int(k.rsplit('_', 1)[1]) for k in path[:2])
+    kernel = np.asarray(kernel) if kernel is not None else None
     blocks.setdefault(block, []).append((layer, np.asarray(mask), kernel))
   return {b: sorted(layers, key=lambda t: t[0]) for b, layers in sorted(blocks.items())}
 

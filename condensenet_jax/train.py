@@ -70,9 +70,8 @@ RAND_AUGMENT_STREAM = 2**31 - 2
 def _apply_events(state: TrainState, model, total_steps: int):
   """Masks for this step: the condensing events of every stage entered since the last step
   (one, at the first step of a stage; more only if a stage lasted zero steps)."""
-  c, half = model.condense_factor, model.condensing_stops_at_half
-  stage = condense.stage_at(state.step, total_steps, c, half)
-  previous = condense.stage_at(jnp.maximum(state.step - 1, 0), total_steps, c, half)
+  stage = condense.model_stage_at(model, state.step, total_steps)
+  previous = condense.model_stage_at(model, jnp.maximum(state.step - 1, 0), total_steps)
   event = lambda _, masks: condense.condense_event(state.params, masks, model)
   return lax.fori_loop(0, stage - previous, event, state.masks), stage
 
@@ -270,10 +269,7 @@ def evaluate(run: Run, eval_model, variables) -> dict[str, float]:
 
 
 def _stage(run: Run, step: int) -> int:
-  if not models.condenses(run.model):
-    return 0
-  return condense.stage_at(step, run.total_steps, run.model.condense_factor,
-                           run.model.condensing_stops_at_half)
+  return condense.model_stage_at(run.model, step, run.total_steps)
 
 
 def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
@@ -284,9 +280,7 @@ def _train_loop(run: Run, state: TrainState, ckpt: checkpoint.Checkpoints,
   `preemption.Preempted`."""
   config, model = run.config, run.model
   lead = jax.process_index() == 0
-  event_steps = (condense.event_steps(run.total_steps, model.condense_factor,
-                                     model.condensing_stops_at_half)
-                 if models.condenses(model) else [])
+  event_steps = condense.model_event_steps(model, run.total_steps)
   step = int(jax.device_get(state.step))
   batches = train_batches(run, step)
   bar = None
@@ -365,8 +359,7 @@ def _finish(run: Run, state: TrainState, summary: dict[str, Any], log
     log(f'test accuracy of the EMA of the weights: {averaged["accuracy"]:.4f}')
   final = jax.device_get(final)
   if models.condenses(model):
-    summary['condensing_event_steps'] = condense.event_steps(
-        run.total_steps, model.condense_factor, model.condensing_stops_at_half)
+    summary['condensing_event_steps'] = condense.model_event_steps(model, run.total_steps)
     summary['condensed_from'] = 'ema' if state.ema else 'weights'
     small, small_vars = condense.export(model, final, classifier_keep=config.classifier_keep)
     condensed = evaluate(run, small, replicate(small_vars, NamedSharding(run.mesh, P())))

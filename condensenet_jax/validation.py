@@ -96,7 +96,7 @@ def check_model_and_data(config, model, dataset: data.DataSource) -> None:
         f'{steps} are too few for condense_factor={c}: its {c - 1} condensing events need at '
         f'least {2 * (c - 1)} steps (the condensing stages take the first half of training); '
         'raise config.num_epochs.')
-  if len(condense.event_steps(total, c, model.condensing_stops_at_half)) < c - 1:
+  if len(condense.model_event_steps(model, total)) < c - 1:
     raise ValueError(
         f"{steps} never reach CondenseNetV2's last condensing event: it falls at step "
         f'{-(-total // 2)}, after the official guard stops condensing (progress 0.5005, step '

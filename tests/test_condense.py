@@ -49,6 +49,35 @@ def test_condensing_stages_are_keyed_to_the_condense_factor():
   assert [condense.is_condensing(s, 2) for s in range(2)] == [True, False]
 
 
+def test_the_model_schedule_takes_the_factor_and_the_guard_from_the_model():
+  v1, v2 = models.CondenseNetTiny(), models.CondenseNetV2Tiny()
+  total = 999  # odd and below 1000: V2's guard skips its last event
+  assert condense.model_event_steps(v1, total) == condense.event_steps(total, 4)
+  assert condense.model_event_steps(v1, total) == [167, 333, 500]
+  assert condense.model_event_steps(v2, total) == [167, 333]
+  assert [condense.model_stage_at(v2, s, total) for s in (166, 167, 499, 500, 998)] == \
+      [0, 1, 2, 2, 2]
+  assert [condense.model_stage_at(v1, s, total) for s in (499, 500)] == [2, 3]
+  dense = models.DenseNetBC100()
+  assert condense.model_event_steps(dense, total) == []
+  assert condense.model_stage_at(dense, 500, total) == 0
+
+
+def test_learned_layers_read_an_sfr_kernel_transposed():
+  model = models.CondenseNetV2Tiny()
+  variables = models.init_variables(model, seed=0)
+  layers = list(condense.learned_layers(variables['params'], variables['masks']))
+  assert len(layers) == 2 * sum(model.stages)  # an LGC and an SFR in every dense layer
+  for path, kernel, mask in layers:
+    stored = traverse_util.flatten_dict(variables['params'])[path + ('kernel',)][0, 0]
+    np.testing.assert_array_equal(kernel, stored.T if condense.is_sfr(path) else stored)
+    assert kernel.shape[0] == mask.shape[0]
+  assert [(p, k) for p, k, _ in condense.learned_layers(None, variables['masks'])] == \
+      [(p, None) for p, _, _ in layers]
+  with pytest.raises(ValueError, match='params have no'):
+    list(condense.learned_layers({}, variables['masks']))
+
+
 # --- parity with the official code --------------------------------------------------------
 
 def test_condense_event_drops_the_official_channels(any_fixture):

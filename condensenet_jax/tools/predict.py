@@ -57,7 +57,7 @@ def load_image(path: str, image_size: int, resize_shorter) -> np.ndarray:
   Raises:
     ValueError: the file cannot be decoded as an image.
   """
-  tf = data._tf()  # pylint: disable=protected-access
+  tf = data.tensorflow()
   try:
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
