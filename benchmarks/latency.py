@@ -18,8 +18,10 @@ process, one form after the other at each batch size:
   tflite     the TFLite model of `export --format tflite` (fixed batch) in the TFLite
              interpreter with as many threads as cores
 
-and, with `--official-dir` and PyTorch, the official masked and converted models
-(`benchmarks.official_torch`, eval mode, no gradients, its own random weights). Median
+and, with `--official-dir` (a checkout of the official code of the config's generation,
+CondenseNet or CondenseNetV2) and PyTorch, the official masked and converted models of the
+same architecture (`benchmarks.official_torch`, eval mode, no gradients, its own random
+weights). Median
 milliseconds of `--repeats` calls after `--warmup`; the last line is JSON:
 `{"masked": {"1": ms, ...}, "condensed": {...}, ..., "ratios": {...}}`.
 """
@@ -48,11 +50,16 @@ def _median_ms(fn, repeats: int, warmup: int) -> float:
   return 1000 * float(np.median(times))
 
 
+def _model(config):
+  """The config's model, for its dataset's classes."""
+  from condensenet_jax import data, recipe  # pylint: disable=g-import-not-at-top
+  return recipe.build_model(config, data.SHAPES[config.dataset][1])
+
+
 def _forms(config):
   """(masked model, variables, condensed model, variables, artifacts.Loaded of the latter)."""
-  from condensenet_jax import artifacts, condense, data, models, recipe  # pylint: disable=g-import-not-at-top
-  num_classes = data.SHAPES[config.dataset][1]
-  model = recipe.build_model(config, num_classes)
+  from condensenet_jax import artifacts, condense, models  # pylint: disable=g-import-not-at-top
+  model = _model(config)
   variables = models.init_variables(model, seed=0)
   masks = condense.condense_all(variables['params'], variables['masks'], model)
   variables = {**variables, 'masks': masks}
@@ -117,15 +124,24 @@ def _tflite_ms(loaded, out, batch, images, repeats, warmup) -> float:
   return _median_ms(call, repeats, warmup)
 
 
-def official(official_dir: str, batch_sizes, repeats: int, warmup: int) -> dict:
-  """`{'official_masked': {...}, 'official_converted': {...}}` from `benchmarks.official_torch`
-  in a subprocess per batch size."""
+def official(official_dir: str, model, batch_sizes, repeats: int, warmup: int) -> dict:
+  """`{'official_masked': {...}, 'official_converted': {...}}` of `model`'s architecture from
+  `benchmarks.official_torch` in a subprocess per batch size. Exits with its error line when it
+  fails (no PyTorch, or a checkout of the other generation's code)."""
+  from condensenet_jax import models  # pylint: disable=g-import-not-at-top
+  arch = json.dumps({'name': type(model).__name__, **models.architecture(model)})
   results = {'official_masked': {}, 'official_converted': {}}
   for batch in batch_sizes:
     command = [sys.executable, '-m', 'benchmarks.official_torch', '--official-dir', official_dir,
-               '--modes', 'infer_masked,infer_converted', '--infer-batch', str(batch),
-               '--steps', str(repeats), '--warmup', str(warmup), '--device', 'cpu']
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+               '--arch', arch, '--modes', 'infer_masked,infer_converted',
+               '--infer-batch', str(batch), '--steps', str(repeats), '--warmup', str(warmup),
+               '--device', 'cpu']
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+      lines = done.stderr.strip().splitlines() or ['(no output)']
+      raise SystemExit(next((l for l in lines if l.startswith('error:')), f'error: the '
+                            f'official model did not run: {lines[-1]}'))
+    out = done.stdout
     for line in out.splitlines():
       if line.startswith('{'):
         record = json.loads(line)
@@ -164,7 +180,8 @@ def main(argv=None) -> dict:
   config = load_config(args.config)
   results = measure(config, batch_sizes, args.repeats, args.warmup, not args.no_tflite)
   if args.official_dir:
-    results.update(official(args.official_dir, batch_sizes, args.repeats, args.warmup))
+    results.update(official(args.official_dir, _model(config), batch_sizes, args.repeats,
+                            args.warmup))
   results['ratios'] = ratios(results)
   for form, values in results.items():
     if form != 'ratios':

@@ -324,3 +324,40 @@ def test_latency_times_every_form_from_the_same_weights(tiny_config):
     best = min(result[f][batch] for f in forms[2:])
     assert result['ratios'][batch]['best_condensed_over_masked'] == pytest.approx(
         best / result['masked'][batch])
+
+
+def test_the_official_benchmark_refuses_an_unknown_architecture(capsys):
+  from benchmarks import official_torch  # pylint: disable=g-import-not-at-top
+  for arch, message in (('{"name": "ResNet"}', "'name' must be 'CondenseNet' or"),
+                        ('{name}', '--arch is not JSON')):
+    with pytest.raises(SystemExit):
+      official_torch.parse_args(['--official-dir', '.', '--arch', arch])
+    assert message in capsys.readouterr().err
+  assert official_torch.parse_args(['--official-dir', '.']).arch == official_torch.CONDENSENET_86
+
+
+def test_latency_stops_with_the_official_benchmarks_error_line(tmp_path):
+  from benchmarks import latency  # pylint: disable=g-import-not-at-top
+  from condensenet_jax import models  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit, match=r'^error: .*(needs PyTorch|does not hold the official '
+                                       r'CondenseNetV2 code)'):
+    latency.official(str(tmp_path), models.CondenseNetV2Tiny(), [1], 1, 0)
+
+
+def test_the_official_benchmark_builds_the_given_v2_architecture():
+  pytest.importorskip('torch')
+  official = os.environ.get('CONDENSENET_OFFICIAL_V2_DIR')
+  if not official:
+    pytest.skip('CONDENSENET_OFFICIAL_V2_DIR is not set (a checkout of the official V2 code)')
+  from condensenet_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.CondenseNetV2Tiny()
+  arch = json.dumps({'name': 'CondenseNetV2', **models.architecture(model)})
+  run = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.official_torch', '--official-dir', official, '--arch',
+       arch, '--modes', 'train,infer_masked,infer_converted', '--train-batch', '2',
+       '--infer-batch', '1', '--steps', '1', '--warmup', '0', '--device', 'cpu'],
+      capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  records = [json.loads(l) for l in run.stdout.splitlines() if l.startswith('{')]
+  assert [(r['model'], r['image_size'], r['mode']) for r in records] == [
+      ('CondenseNetV2', 32, m) for m in ('train', 'infer_masked', 'infer_converted')]
