@@ -129,7 +129,7 @@ def _group_sums(values, groups):
 def _by_width(params, masks):
   """The learned layers grouped by (kind, kernel columns, groups), in model order: the LGCs
   (or the SFRs) of a dense block, or of several blocks with the same growth. Yields
-  `[(path, kernel [rows, cols], mask [rows, G]), ...]` per group (as `_layers`)."""
+  `[(path, kernel [rows, cols], mask [rows, G]), ...]` per group (as `learned_layers`)."""
   blocks = {}
   for layer in learned_layers(params, masks):
     path, kernel, mask = layer
