@@ -13,8 +13,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import (FIXTURE_NAMES, FIXTURES, assert_npz_reproduced, official_stage,
-                      regenerate)
+from conftest import (FIXTURE_NAMES, FIXTURES, assert_json_reproduced, assert_npz_reproduced,
+                      official_stage, regenerate)
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'make_fixtures.py'
 LGC_ENTRIES = ('conv.weight', '_mask', '_count', '_stage')  # what an event may change
@@ -135,5 +135,5 @@ def regenerated(tmp_path_factory):
 def test_make_fixtures_reproduces_the_files(name, regenerated):
   made_json, committed_json = regenerated / f'{name}.json', FIXTURES / f'{name}.json'
   assert json.loads(made_json.read_text()) == json.loads(committed_json.read_text())
-  assert made_json.read_bytes() == committed_json.read_bytes()
+  assert_json_reproduced(made_json, committed_json)
   assert_npz_reproduced(regenerated / f'{name}.npz', FIXTURES / f'{name}.npz')

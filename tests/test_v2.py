@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (FIXTURES, V2_FIXTURE_NAMES, assert_npz_reproduced, max_relative_error,
-                      regenerate)
+from conftest import (FIXTURES, V2_FIXTURE_NAMES, assert_json_reproduced, assert_npz_reproduced,
+                      max_relative_error, regenerate)
 from condensenet_jax import checkpoint, cli, condense, data, flops, models, torch_import
 from condensenet_jax import train, validation
 
@@ -115,7 +115,7 @@ def regenerated(tmp_path_factory):
 @pytest.mark.parametrize('name', V2_FIXTURE_NAMES + ('v2_variants',))
 def test_make_v2_fixtures_reproduces_the_files(name, regenerated):
   made_json, committed_json = regenerated / f'{name}.json', FIXTURES / f'{name}.json'
-  assert made_json.read_bytes() == committed_json.read_bytes()
+  assert_json_reproduced(made_json, committed_json)
   if name != 'v2_variants':
     assert_npz_reproduced(regenerated / f'{name}.npz', FIXTURES / f'{name}.npz')
 
