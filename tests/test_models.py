@@ -262,7 +262,7 @@ def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
   size = models.default_image_size(model)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, size, size, 3))
   variables = models.init_variables(model, seed=1)
-  given = []
+  given, dropped = [], []
 
   def bn_calls(check):
     def intercept(next_fun, args, kwargs, context):
@@ -276,6 +276,7 @@ def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
           for a, b in zip(stats, layers.batch_stats(inputs)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
           return next_fun(*args, **kwargs)
+        dropped.append(inputs.shape[-1])
         return next_fun(inputs, **kwargs)
       return next_fun(*args, **kwargs)
     return nn.intercept_methods(intercept)
@@ -289,9 +290,11 @@ def test_dense_blocks_compute_batch_statistics_once_per_channel(model):
                                   mutable=['batch_stats'])
     return jnp.sum(jnp.square(logits)), updates
   grad = jax.value_and_grad(loss, has_aux=True)
-  (loss_a, stats_a), grads_a = grad(variables['params'])
+  # Two jitted functions, so that the second one is traced under the interceptor.
+  (loss_a, stats_a), grads_a = jax.jit(lambda p: grad(p))(variables['params'])
   with bn_calls(check=False):
-    (loss_b, stats_b), grads_b = grad(variables['params'])
+    (loss_b, stats_b), grads_b = jax.jit(lambda p: grad(p))(variables['params'])
+  assert dropped == given  # the second program was traced without the given statistics
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   for a, b in zip(jax.tree.leaves((grads_a, stats_a)), jax.tree.leaves((grads_b, stats_b))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
