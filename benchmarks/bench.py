@@ -275,8 +275,9 @@ def prepare(args) -> Prepared:
   else:
     variables = state.variables()
     if args.mode == 'infer_condensed':
-      if not isinstance(model, models.CondenseNet):
-        raise SystemExit(f'error: --mode infer_condensed needs a CondenseNet config, not '
+      if not models.condenses(model):
+        raise SystemExit(f'error: --mode infer_condensed needs a CondenseNet or CondenseNetV2 '
+                         f'config, not '
                          f'{type(model).__name__}')
       host = jax.device_get(variables)
       masks = condense.condense_all(host['params'], host['masks'], model)

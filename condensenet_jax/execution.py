@@ -173,7 +173,8 @@ class Execution:
     'channel_major' (eval mode only) a block's features are one `[c, n, h, w]` buffer: a layer
     gathers whole rows of it, runs its 1x1 group convolution as one batched matrix product and
     its 3x3 group convolution as one batched product followed by a sum of shifted maps, with
-    no padding to a dense kernel and no transposes inside the block. Training is always
+    no padding to a dense kernel and no transposes inside the block (a CondenseNetV2's SFRs
+    scatter-add whole rows into it). Training is always
     'channels_last'; an explicit `condensed_layout` is used as it is in eval mode; 'auto' is
     'channel_major' on CPU unless `conv_lowering` or `condensed_gathers` choose a form of the
     channels-last layout, and 'channels_last' elsewhere.

@@ -433,11 +433,15 @@ class CondensedSFR(nn.Module):
   write the same position. The kernel is grouped, `(1, 1, in / groups, kept)`, with
   `kept = features * groups / condense_factor`.
 
-  Call: `new` `[n, h, w, in]`, `x` `[n, h, w, features]` -> `x` with the reactivation added.
+  Call: `new` `[n, h, w, in]`, `x` `[n, h, w, c]` (`c >= features`) -> `x` with the
+  reactivation added to its first `features` channels.
   `lowering`: see `grouped_conv`. `placement` (`execution.Execution.sfr_placement`): 'scatter'
   adds the outputs with one scatter (`x.at[..., index].add(outputs)`); 'gather' reads, for
   each group, its output at every position it writes (a zero elsewhere) with one channel
-  gather, for runtimes without a scatter-add (TFLite). The same function.
+  gather, for runtimes without a scatter-add (TFLite). The same function. With
+  `layout='channel_major'` (eval mode only) `new` is `[in, n, h, w]`, `x` and the result
+  `[c, n, h, w]`, the group convolution one batched matrix product, and the placement
+  works on whole rows; ValueError in training.
   """
   features: int
   groups: int
@@ -445,54 +449,77 @@ class CondensedSFR(nn.Module):
   dtype: Any = jnp.float32
   lowering: str = 'grouped'
   placement: str = 'scatter'
+  layout: str = 'channels_last'
   bn_axis_name: Optional[str] = None
   activation: str = 'relu'
 
   @nn.compact
   def __call__(self, new, x, train: bool = False):
-    in_channels = new.shape[-1]
+    channel_major = self.layout == 'channel_major'
+    axis = 0 if channel_major else new.ndim - 1
+    in_channels = new.shape[axis]
     kept = self.features * self.groups // self.condense_factor
     index = self.variable('indices', 'index', jnp.zeros, (kept,), jnp.int32)
-    new = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)(new)
+    norm = batch_norm_relu(train, self.dtype, self.bn_axis_name, activation=self.activation)
     kernel = self.param('kernel', conv_init, (1, 1, in_channels // self.groups, kept),
-                        jnp.float32)
-    new = channel_shuffle(new, in_channels // self.groups)  # group g: channels g, g+G, ...
-    y = grouped_conv(new, kernel.astype(self.dtype), self.groups, lowering=self.lowering)
+                        jnp.float32).astype(self.dtype)
+    if channel_major:
+      check_channel_major(train, 'CondensedSFR')
+      new = normalize_channel_major(norm, new, eval_norm_terms(norm, in_channels, new.dtype))
+      # Group g reads channels g, g+G, ... (the channel shuffle) and writes its kept outputs.
+      grouped = new.reshape(in_channels // self.groups, self.groups, -1).swapaxes(0, 1)
+      weights = kernel[0, 0].reshape(-1, self.groups, kept // self.groups).transpose(1, 2, 0)
+      y = jnp.einsum('goi,gip->gop', weights, grouped).reshape((kept,) + new.shape[1:])
+    else:
+      new = channel_shuffle(norm(new), in_channels // self.groups)  # group g: g, g+G, ...
+      y = grouped_conv(new, kernel, self.groups, lowering=self.lowering)
     y = y.astype(x.dtype)
     if self.placement == 'scatter':
-      return x.at[..., index.value].add(y)
+      return x.at[index.value].add(y) if channel_major else x.at[..., index.value].add(y)
     if self.placement != 'gather':
       raise ValueError(f"placement={self.placement!r} is not 'scatter' or 'gather'.")
     per_group = kept // self.groups
     positions = jnp.arange(self.features)
-    zero = jnp.zeros(y.shape[:-1] + (1,), y.dtype)
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(y, 0, 1, axis=axis))
+    added = jax.lax.slice_in_dim(x, 0, self.features, axis=axis)
     for g in range(self.groups):
       # Where group g writes each position: its output j, or the zero appended after them.
       writes = index.value[g * per_group:(g + 1) * per_group][None, :] == positions[:, None]
       source = jnp.where(writes.any(axis=1), jnp.argmax(writes, axis=1), per_group)
-      outputs = jnp.concatenate([y[..., g * per_group:(g + 1) * per_group], zero], axis=-1)
-      x = x + jnp.take(outputs, source, axis=-1)
-    return x
+      outputs = jax.lax.slice_in_dim(y, g * per_group, (g + 1) * per_group, axis=axis)
+      added = added + jnp.take(jnp.concatenate([outputs, zero], axis=axis), source, axis=axis)
+    if x.shape[axis] == self.features:
+      return added
+    return jax.lax.dynamic_update_slice_in_dim(x, added, 0, axis=axis)
 
 
 class SELayer(nn.Module):
   """Squeeze-and-excitation (the official `SELayer`): channel weights from the spatial mean,
   through `c -> c // reduction -> c` bias-free linear maps with ReLU and a sigmoid between.
 
-  Call: `x` `[n, h, w, c]` or `[n, c]` -> the same shape, each channel scaled.
+  Call: `x` `[n, h, w, c]` or `[n, c]` -> the same shape, each channel scaled. With
+  `layout='channel_major'`, `x` is `[c, n, h, w]` and so is the result.
   """
   reduction: int = 16
   dtype: Any = jnp.float32
+  layout: str = 'channels_last'
 
   @nn.compact
   def __call__(self, x):
+    if self.layout == 'channel_major':  # [c, n, h, w]: the same function, transposed
+      weights = self._weights(x.astype(jnp.float32).mean(axis=(2, 3)).T)  # [n, c]
+      return (x * weights.T[:, :, None, None]).astype(self.dtype)
     c = x.shape[-1]
-    squeeze = self.param('squeeze', linear_init, (c, c // self.reduction), jnp.float32)
-    excite = self.param('excite', linear_init, (c // self.reduction, c), jnp.float32)
-    pooled = x.astype(jnp.float32).mean(axis=tuple(range(1, x.ndim - 1)))  # [n, c]
-    weights = jax.nn.sigmoid(jax.nn.relu(pooled @ squeeze) @ excite)
+    weights = self._weights(x.astype(jnp.float32).mean(axis=tuple(range(1, x.ndim - 1))))
     return (x * weights.reshape(weights.shape[:1] + (1,) * (x.ndim - 2) + (c,))).astype(
         self.dtype)
+
+  def _weights(self, pooled):
+    """The channel weights `[n, c]` of the spatial means `pooled` `[n, c]`."""
+    c = pooled.shape[-1]
+    squeeze = self.param('squeeze', linear_init, (c, c // self.reduction), jnp.float32)
+    excite = self.param('excite', linear_init, (c // self.reduction, c), jnp.float32)
+    return jax.nn.sigmoid(jax.nn.relu(pooled @ squeeze) @ excite)
 
 
 class CondensedConv(nn.Module):

@@ -121,10 +121,10 @@ class DenseBlock(nn.Module):
   `execution.DENSE_BLOCK_FORMS`, see `Execution.dense_blocks`) says how the features are
   collected. With `share_stats` (training) every channel's batch statistics are computed once,
   when the channel is made, and handed to the layers that read it. With
-  `layout='channel_major'` (eval mode only; `Execution.condensed_blocks`) the features are one
-  `[c, n, h, w]` buffer, written in place, and the factories must make layers of that layout;
-  `form` is not used. Raises ValueError for an unknown `form` and for 'channel_major' in
-  training.
+  `layout='channel_major'` (eval mode only; `Execution.condensed_blocks`) `x` is `[c, n, h, w]`,
+  and so is the result: the features are one `[c + num_layers * growth, n, h, w]` buffer,
+  written in place, and the factories must make layers of that layout; `form` is not used.
+  Raises ValueError for an unknown `form` and for 'channel_major' in training.
   """
   num_layers: int
   growth: int
@@ -169,7 +169,7 @@ class DenseBlock(nn.Module):
 
     if self.layout == 'channel_major':
       layers.check_channel_major(train, 'DenseBlock')
-      return jnp.transpose(in_place(jnp.transpose(x, (3, 0, 1, 2)), 0, None), (1, 2, 3, 0))
+      return in_place(x, 0, None)
     if self.form == 'concatenate':
       for l in range(1, self.num_layers + 1):
         y = layer(l)(x, train, stats)
@@ -186,6 +186,30 @@ def _stem_conv(features: int, stem: str, dtype: Any) -> nn.Conv:
   stride, _ = stem_geometry(stem)
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                  use_bias=False, kernel_init=layers.conv_init, dtype=dtype, name='init_conv')
+
+
+def _to_layout(x, layout: str):
+  """`[n, h, w, c]` -> the dense blocks' `layout` (`[c, n, h, w]` for 'channel_major')."""
+  return jnp.transpose(x, (3, 0, 1, 2)) if layout == 'channel_major' else x
+
+
+def _from_layout(x, layout: str):
+  """The inverse of `_to_layout`: back to `[n, h, w, c]`."""
+  return jnp.transpose(x, (1, 2, 3, 0)) if layout == 'channel_major' else x
+
+
+def _pixels(x, layout: str) -> int:
+  """Pixels per map of `x` in `layout`."""
+  h, w = x.shape[2:4] if layout == 'channel_major' else x.shape[1:3]
+  return h * w
+
+
+def _transition_pool(x, layout: str):
+  """2x2 average pooling, stride 2, of a map in `layout`."""
+  if layout != 'channel_major':
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  # The window's four strided slices, added in window order: one elementwise pass.
+  return sum(x[:, :, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)) / 4
 
 
 def _global_pool(x, stem: str, num_blocks: int):
@@ -267,14 +291,16 @@ class CondenseNet(nn.Module):
     conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1,
                                layout=layout)
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
+    x = _to_layout(x, layout)
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
-      conv_1 = self.conv_1(x.shape[1] * x.shape[2], train)
+      conv_1 = self.conv_1(_pixels(x, layout), train)
       x = DenseBlock(n, k, self.bottleneck, conv_1, conv_2,
                      form=self.execution.dense_blocks(train), layout=layout,
                      share_stats=train and self.shares_batch_stats,
                      bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):  # transition: 2x2 average pooling only
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = _transition_pool(x, layout)
+    x = _from_layout(x, layout)
     x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
     x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
     return self.classifier(x).astype(jnp.float32)
@@ -417,7 +443,10 @@ class SFRDenseLayer(nn.Module):
   Call: `x` `[n, h, w, c]` -> `[n, h, w, c + growth]`: `x + sfr(new)` followed by `new`.
   Factories are called as `conv_1(features, name=...)(x, train)`, `conv_2(features,
   name=...)(x, train)` and `sfr(features, name=...)(new, x, train)` (which returns `x` with
-  the reactivation added).
+  the reactivation added to its first `features` channels). With `layout='channel_major'`
+  (eval mode only) `x` is the block's `[C, n, h, w]` buffer whose first `channels` rows hold
+  the features so far; the layer adds the reactivation into them and writes its new features
+  after them, in place, and the factories must make layers of that layout.
   """
   growth: int
   bottleneck: int
@@ -426,19 +455,33 @@ class SFRDenseLayer(nn.Module):
   sfr: ModuleDef
   use_se: bool = False
   dtype: Any = jnp.float32
+  layout: str = 'channels_last'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    new = self.conv_1(self.bottleneck * self.growth, name='conv_1')(x, train)
+  def __call__(self, x, train: bool = False, channels: Optional[int] = None):
+    channel_major = self.layout == 'channel_major'
+    if channel_major:
+      inputs = jax.lax.slice_in_dim(x, 0, channels, axis=0)
+    else:
+      inputs, channels = x, x.shape[-1]
+    new = self.conv_1(self.bottleneck * self.growth, name='conv_1')(inputs, train)
     new = self.conv_2(self.growth, name='conv_2')(new, train)
     if self.use_se:
-      new = layers.SELayer(reduction=1, dtype=self.dtype, name='se')(new)
-    x = self.sfr(x.shape[-1], name='sfr')(new, x, train)
+      new = layers.SELayer(reduction=1, dtype=self.dtype, layout=self.layout, name='se')(new)
+    x = self.sfr(channels, name='sfr')(new, x, train)
+    if channel_major:
+      return jax.lax.dynamic_update_slice_in_dim(x, new.astype(x.dtype), channels, axis=0)
     return jnp.concatenate([x, new.astype(x.dtype)], axis=-1)
 
 
 class SFRDenseBlock(nn.Module):
-  """`num_layers` `SFRDenseLayer`s: `[n, h, w, c]` -> `[n, h, w, c + num_layers * growth]`."""
+  """`num_layers` `SFRDenseLayer`s: `[n, h, w, c]` -> `[n, h, w, c + num_layers * growth]`.
+
+  With `layout='channel_major'` (eval mode only; `Execution.condensed_blocks`) `x` is
+  `[c, n, h, w]`, the layers compute on one `[c + num_layers * growth, n, h, w]` buffer, and the
+  factories must make layers of that layout. Raises ValueError for 'channel_major' in
+  training.
+  """
   num_layers: int
   growth: int
   bottleneck: int
@@ -447,12 +490,20 @@ class SFRDenseBlock(nn.Module):
   sfr: ModuleDef
   use_se: bool = False
   dtype: Any = jnp.float32
+  layout: str = 'channels_last'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    channel_major = self.layout == 'channel_major'
+    channels = x.shape[0 if channel_major else -1]
+    if channel_major:
+      layers.check_channel_major(train, 'SFRDenseBlock')
+      x = jnp.pad(x, [(0, self.num_layers * self.growth)] + [(0, 0)] * 3)
     for l in range(1, self.num_layers + 1):
       x = SFRDenseLayer(self.growth, self.bottleneck, self.conv_1, self.conv_2, self.sfr,
-                        self.use_se, self.dtype, name=f'denselayer_{l}')(x, train)
+                        self.use_se, self.dtype, self.layout, name=f'denselayer_{l}')(
+                            x, train, channels)
+      channels += self.growth
     return x
 
 
@@ -518,6 +569,8 @@ class CondenseNetV2(nn.Module):
     """The activation of dense block `block` (1-based)."""
     return 'hard_swish' if block - 1 >= self.hs_start_block else 'relu'
 
+  layout = CondenseNet.layout  # always 'channels_last'
+
   def conv_1(self, activation: str, pixels: int, train: bool) -> ModuleDef:
     """Factory of the dense layers' 1x1 convolutions: learned group convolutions."""
     del pixels, train  # one form everywhere
@@ -525,8 +578,9 @@ class CondenseNetV2(nn.Module):
                              condense_factor=self.condense_factor, activation=activation,
                              dtype=self.dtype, bn_axis_name=self.bn_axis_name)
 
-  def sfr(self, activation: str) -> ModuleDef:
+  def sfr(self, activation: str, train: bool) -> ModuleDef:
     """Factory of the sparse feature reactivations (masked)."""
+    del train  # one form everywhere
     return functools.partial(layers.SparseFeatureReactivation, groups=self.group_trans,
                              condense_factor=self.trans_factor, activation=activation,
                              dtype=self.dtype, bn_axis_name=self.bn_axis_name)
@@ -536,16 +590,19 @@ class CondenseNetV2(nn.Module):
     """x: `[batch, h, w, 3]` -> logits `[batch, num_classes]` (float32)."""
     self.check()
     x = _stem_conv(2 * self.growth[0], self.stem, self.dtype)(x.astype(self.dtype))
+    layout = self.layout(train)
+    x = _to_layout(x, layout)
     for b, (n, k) in enumerate(zip(self.stages, self.growth), start=1):
       act = self.activation(b)
-      conv_1 = self.conv_1(act, x.shape[1] * x.shape[2], train)
+      conv_1 = self.conv_1(act, _pixels(x, layout), train)
       conv_2 = functools.partial(_conv(self), kernel_size=3, groups=self.group_3x3, padding=1,
-                                 activation=act)
-      x = SFRDenseBlock(n, k, self.bottleneck, conv_1, conv_2, self.sfr(act),
-                        use_se=b - 1 >= self.se_start_block, dtype=self.dtype,
+                                 activation=act, layout=layout)
+      x = SFRDenseBlock(n, k, self.bottleneck, conv_1, conv_2, self.sfr(act, train),
+                        use_se=b - 1 >= self.se_start_block, dtype=self.dtype, layout=layout,
                         name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = _transition_pool(x, layout)
+    x = _from_layout(x, layout)
     x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
     x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
     x = layers.SELayer(self.last_se_reduction, dtype=self.dtype, name='se_last')(x)
@@ -571,14 +628,18 @@ class CondensedCondenseNetV2(CondenseNetV2):
     return functools.partial(layers.CondensedConv, groups=self.group_1x1,
                              condense_factor=self.condense_factor, activation=activation,
                              form=self.execution.condensed_conv(pixels, train),
-                             dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+                             layout=self.layout(train), dtype=self.dtype,
+                             bn_axis_name=self.bn_axis_name)
 
-  def sfr(self, activation: str) -> ModuleDef:
+  layout = CondensedCondenseNet.layout  # as the execution picks it
+
+  def sfr(self, activation: str, train: bool) -> ModuleDef:
     """Factory of the condensed sparse feature reactivations."""
     return functools.partial(layers.CondensedSFR, groups=self.group_trans,
                              condense_factor=self.trans_factor, activation=activation,
                              lowering=self.execution.lowering(),
-                             placement=self.execution.sfr_placement(), dtype=self.dtype,
+                             placement=self.execution.sfr_placement(),
+                             layout=self.layout(train), dtype=self.dtype,
                              bn_axis_name=self.bn_axis_name)
 
   @classmethod

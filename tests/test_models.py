@@ -129,10 +129,13 @@ def test_lowerings_give_the_same_condensed_model():
       np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('model', [models.CondenseNetTiny(), models.CondenseNetV2Tiny()],
+                         ids=['v1', 'v2'])
 @pytest.mark.slow
-def test_gather_forms_give_the_same_condensed_model():
+def test_gather_forms_give_the_same_condensed_model(model):
+  """Every gather choice and layout of the condensed model computes the masked model (the V2
+  SFRs' scatter and gather placements and the channel-major blocks included)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  model = models.CondenseNetTiny()
   variables = randomize(models.init_variables(model, seed=2), seed=2)
   masks = condense.condense_all(variables['params'], variables['masks'], model)
   small, small_vars = condense.export(model, {**variables, 'masks': masks}, classifier_keep=1.0)
