@@ -193,11 +193,6 @@ def _to_layout(x, layout: str):
   return jnp.transpose(x, (3, 0, 1, 2)) if layout == 'channel_major' else x
 
 
-def _from_layout(x, layout: str):
-  """The inverse of `_to_layout`: back to `[n, h, w, c]`."""
-  return jnp.transpose(x, (1, 2, 3, 0)) if layout == 'channel_major' else x
-
-
 def _pixels(x, layout: str) -> int:
   """Pixels per map of `x` in `layout`."""
   h, w = x.shape[2:4] if layout == 'channel_major' else x.shape[1:3]
@@ -212,16 +207,34 @@ def _transition_pool(x, layout: str):
   return sum(x[:, :, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)) / 4
 
 
-def _global_pool(x, stem: str, num_blocks: int):
-  """Average pooling over the whole final map: `[n, pool, pool, c]` -> `[n, c]` (float32);
-  ValueError naming the image size the architecture needs for a map of another size."""
+def _global_pool(x, stem: str, num_blocks: int, layout: str = 'channels_last'):
+  """Average pooling over the whole final map: `[n, pool, pool, c]` (`[c, n, pool, pool]`
+  channel-major) -> `[n, c]` (float32); ValueError naming the image size the architecture
+  needs for a map of another size."""
   _, pool = stem_geometry(stem)
-  if x.shape[1:3] != (pool, pool):
+  size = x.shape[2:4] if layout == 'channel_major' else x.shape[1:3]
+  if size != (pool, pool):
     raise ValueError(
-        f'the feature map before the final {pool}x{pool} pooling is {x.shape[1]}x{x.shape[2]}; '
+        f'the feature map before the final {pool}x{pool} pooling is {size[0]}x{size[1]}; '
         f"stem={stem!r} with {num_blocks - 1} transitions needs input images of "
         f'{image_size_for(stem, num_blocks)} pixels a side.')
+  if layout == 'channel_major':  # a product with a constant: XLA's CPU reduction is slower
+    c, n = x.shape[:2]
+    average = jnp.full((pool * pool,), 1 / (pool * pool), jnp.float32)
+    return jnp.einsum('cnp,p->nc', x.astype(jnp.float32).reshape(c, n, pool * pool), average)
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def _final_features(model, x, layout: str, train: bool):
+  """The final BN-ReLU (`norm_last`) and global pooling of `model`'s last dense block's
+  output `x` in `layout`: `[n, num_features]` float32."""
+  norm = layers.batch_norm_relu(train, model.dtype, model.bn_axis_name, name='norm_last')
+  if layout == 'channel_major':
+    x = layers.normalize_channel_major(norm, x, layers.eval_norm_terms(norm, x.shape[0],
+                                                                       x.dtype))
+  else:
+    x = norm(x)
+  return _global_pool(x, model.stem, len(model.stages), layout)
 
 
 class CondenseNet(nn.Module):
@@ -300,9 +313,7 @@ class CondenseNet(nn.Module):
                      bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):  # transition: 2x2 average pooling only
         x = _transition_pool(x, layout)
-    x = _from_layout(x, layout)
-    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
-    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
+    x = _final_features(self, x, layout, train)  # [n, num_features]
     return self.classifier(x).astype(jnp.float32)
 
 
@@ -429,8 +440,7 @@ class DenseNet(nn.Module):
                      bn_axis_name=self.bn_axis_name, name=f'denseblock_{b}')(x, train)
       if out is not None:
         x = Transition(out, self.group_1x1, conv, name=f'transition_{b}')(x, train)
-    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
-    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
+    x = _final_features(self, x, 'channels_last', train)  # [n, num_features]
     return nn.Dense(self.num_classes, kernel_init=layers.linear_init, dtype=self.dtype,
                     name='classifier')(x).astype(jnp.float32)
 
@@ -602,9 +612,7 @@ class CondenseNetV2(nn.Module):
                         name=f'denseblock_{b}')(x, train)
       if b < len(self.stages):
         x = _transition_pool(x, layout)
-    x = _from_layout(x, layout)
-    x = layers.batch_norm_relu(train, self.dtype, self.bn_axis_name, name='norm_last')(x)
-    x = _global_pool(x, self.stem, len(self.stages))  # [n, num_features]
+    x = _final_features(self, x, layout, train)  # [n, num_features]
     x = layers.SELayer(self.last_se_reduction, dtype=self.dtype, name='se_last')(x)
     x = nn.Dense(self.fc_channel, kernel_init=layers.linear_init, dtype=self.dtype,
                  name='fc')(x)
