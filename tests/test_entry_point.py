@@ -49,7 +49,7 @@ def test_a_mistake_gives_one_error_line_and_writes_nothing(name, tmp_path):
   result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, 'PYTHONPATH': str(ROOT)})
-  assert time.time() - started < 10
+  assert time.time() - started < 30  # 4-10 s on 2 cores, busy with another test module
   assert result.returncode != 0
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert [l for l in lines if l.startswith('error: ')] == lines[-1:], result.stderr

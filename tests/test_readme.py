@@ -22,7 +22,7 @@ README = REPO / 'README.md'
 MAX_BYTES = 10_000
 QUICK_START = ('python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt'
                ' && python train.py --config configs/digits.py --workdir runs/digits')
-TEST_COMMAND = 'python -m pytest -q tests'
+TEST_COMMAND = 'python -m pytest -q -n 2 tests'
 CONDENSED_DIR = 'runs/digits/condensed'
 
 
