@@ -221,7 +221,7 @@ def _global_pool(x, stem: str, num_blocks: int, layout: str = 'channels_last'):
   if layout == 'channel_major':  # a product with a constant: XLA's CPU reduction is slower
     c, n = x.shape[:2]
     average = jnp.full((pool * pool,), 1 / (pool * pool), jnp.float32)
-    return jnp.einsum('cnp,p->nc', x.astype(jnp.float32).reshape(c, n, pool * pool), average)
+    return (x.astype(jnp.float32).reshape(c * n, pool * pool) @ average).reshape(c, n).T
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
