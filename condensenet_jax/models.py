@@ -203,8 +203,12 @@ def _transition_pool(x, layout: str):
   """2x2 average pooling, stride 2, of a map in `layout`."""
   if layout != 'channel_major':
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
-  # The window's four strided slices, added in window order: one elementwise pass.
-  return sum(x[:, :, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)) / 4
+  # The window's four strided slices, added in window order: one elementwise pass. (Slices of
+  # the spatial axes alone: under a symbolic batch, strided indexing would become gathers.)
+  h, w = 2 * (x.shape[2] // 2), 2 * (x.shape[3] // 2)  # an odd last row or column is dropped
+  window = lambda dy, dx: jax.lax.slice_in_dim(
+      jax.lax.slice_in_dim(x, dy, dy + h - 1, 2, axis=2), dx, dx + w - 1, 2, axis=3)
+  return sum(window(dy, dx) for dy in (0, 1) for dx in (0, 1)) / 4
 
 
 def _global_pool(x, stem: str, num_blocks: int, layout: str = 'channels_last'):
