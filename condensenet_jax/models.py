@@ -211,7 +211,7 @@ def _transition_pool(x, layout: str):
   return sum(window(dy, dx) for dy in (0, 1) for dx in (0, 1)) / 4
 
 
-def _global_pool(x, stem: str, num_blocks: int, layout: str = 'channels_last'):
+def _global_pool(x, stem: str, num_blocks: int, layout: str):
   """Average pooling over the whole final map: `[n, pool, pool, c]` (`[c, n, pool, pool]`
   channel-major) -> `[n, c]` (float32); ValueError naming the image size the architecture
   needs for a map of another size."""
@@ -222,7 +222,7 @@ def _global_pool(x, stem: str, num_blocks: int, layout: str = 'channels_last'):
         f'the feature map before the final {pool}x{pool} pooling is {size[0]}x{size[1]}; '
         f"stem={stem!r} with {num_blocks - 1} transitions needs input images of "
         f'{image_size_for(stem, num_blocks)} pixels a side.')
-  if layout == 'channel_major':  # a product with a constant: XLA's CPU reduction is slower
+  if layout == 'channel_major':  # a product, not a reduction: docs/backends.md#condensed-layout
     c, n = x.shape[:2]
     average = jnp.full((pool * pool,), 1 / (pool * pool), jnp.float32)
     return (x.astype(jnp.float32).reshape(c * n, pool * pool) @ average).reshape(c, n).T
